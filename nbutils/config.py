@@ -1,0 +1,75 @@
+"""Paths, seeding and device selection."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def data_dir(override: str | os.PathLike | None = None) -> Path:
+    """Data root: the explicit argument, else ``$DATA_DIR``, else ``<project>/data``.
+
+    Relative paths are taken from the current directory, so ``DATA_DIR=../shared/data``
+    works from the project root.
+    """
+    chosen = override or os.environ.get("DATA_DIR") or PROJECT_ROOT / "data"
+    return Path(chosen).expanduser().resolve()
+
+
+def checkpoint_dir() -> Path:
+    """Where notebooks keep trained weights (``$CHECKPOINT_DIR`` or ``<project>/checkpoints``)."""
+    return Path(os.environ.get("CHECKPOINT_DIR") or PROJECT_ROOT / "checkpoints").resolve()
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    """Seed Python, NumPy and torch; return a NumPy generator for explicit use."""
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+        if torch.cuda.is_available():
+            torch.cuda.manual_seed_all(seed)
+    except ImportError:  # pragma: no cover - torch is a dependency, but keep data code usable
+        pass
+    return np.random.default_rng(seed)
+
+
+def get_device(device: str = "auto"):
+    """``"auto"`` picks CUDA, then Apple MPS, then CPU; anything else is passed to torch."""
+    import torch
+
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def describe_device(device) -> str:
+    """A human-readable device name for run records (GPU model or CPU model)."""
+    import platform
+
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{device.type}: {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"

@@ -1,0 +1,265 @@
+"""Execute chapter notebooks once per class and seed with papermill, resumably.
+
+    python -m nbutils.pipeline --profile quick                  # every chapter, every class
+    python -m nbutils.pipeline --profile paper --notebook gradcon --classes 4 --seeds 0 1 2
+    python -m nbutils.pipeline --profile quick --list           # what would run, what is done
+
+A profile (``nbutils/profiles/<name>.yml``, or a path) lists *sweeps*: a notebook, its
+parameters, the classes and the seeds. Each run writes an executed notebook and its run record
+to ``<runs-dir>/<profile>/<notebook>/<dataset>[-<tag>]/class<k>_seed<s>.{ipynb,json}``, so
+profiles never mix. A run whose record exists is skipped (``--force`` reruns it); a failed
+run keeps its executed notebook for inspection, the others go on, and the command exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from nbutils.config import PROJECT_ROOT
+from nbutils.data import dataset_info, resolve_class
+from nbutils.records import is_complete_record, read_record
+
+PROFILE_DIR = Path(__file__).with_name("profiles")
+NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
+DEFAULT_RUNS_DIR = PROJECT_ROOT / "book" / "runs"
+KERNEL = "python3"  # ipykernel's own kernel: the Python that runs the pipeline
+
+
+class PipelineError(ValueError):
+    """A bad profile, notebook or option."""
+
+
+@dataclass
+class Job:
+    notebook: str
+    source: Path
+    output: Path
+    record: Path
+    parameters: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"{self.notebook}/{self.output.parent.name}/{self.output.stem}"
+
+    def is_done(self) -> bool:
+        return is_complete_record(self.record)
+
+
+@dataclass
+class Outcome:
+    job: Job
+    ok: bool
+    seconds: float
+    message: str = ""
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yml"))
+
+
+def load_profile(profile: str) -> tuple[str, dict]:
+    """A profile by name (``quick``, ``paper``, ...) or by path to a YAML file."""
+    path = Path(profile)
+    if not (path.suffix in (".yml", ".yaml") and path.exists()):
+        path = PROFILE_DIR / f"{profile}.yml"
+    if not path.exists():
+        raise PipelineError(f"unknown profile {profile!r}; known: "
+                            f"{', '.join(available_profiles())} (or a path to a .yml file)")
+    spec = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(spec.get("sweeps"), list):
+        raise PipelineError(f"profile {path} has no 'sweeps' list")
+    return path.stem, spec
+
+
+def _notebook_source(name: str, notebook_dir: Path) -> Path:
+    source = notebook_dir / f"{name}.ipynb"
+    if not source.exists():
+        known = ", ".join(sorted(p.stem for p in notebook_dir.glob("*.ipynb")))
+        raise PipelineError(f"unknown notebook {name!r}; known: {known}")
+    return source
+
+
+def _classes(spec, dataset: str) -> list[int]:
+    if spec in (None, "all"):
+        return list(range(len(dataset_info(dataset).class_names)))
+    return [resolve_class(dataset, c) for c in (spec if isinstance(spec, list) else [spec])]
+
+
+def plan(profile: str, runs_dir: Path = DEFAULT_RUNS_DIR, notebooks: list[str] | None = None,
+         classes: list | None = None, seeds: list[int] | None = None,
+         overrides: dict | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> list[Job]:
+    """Expand a profile into jobs (filtered by notebook, class and seed)."""
+    name, spec = load_profile(profile)
+    if notebooks:
+        known = {s.get("notebook") for s in spec["sweeps"]}
+        for nb in notebooks:
+            _notebook_source(nb, notebook_dir)  # unknown notebook: clear error
+            if nb not in known:
+                raise PipelineError(f"profile {name!r} has no sweep for notebook {nb!r}")
+    jobs: list[Job] = []
+    for sweep in spec["sweeps"]:
+        nb = sweep["notebook"]
+        if notebooks and nb not in notebooks:
+            continue
+        params = {**(sweep.get("parameters") or {}), **(overrides or {})}
+        dataset = params.get("dataset")
+        if dataset is None:
+            raise PipelineError(f"sweep for {nb} in profile {name!r} sets no 'dataset'")
+        source = _notebook_source(nb, notebook_dir)
+        folder = runs_dir / name / nb / (dataset + (f"-{sweep['tag']}" if sweep.get("tag") else ""))
+        wanted = _classes(sweep.get("classes", "all"), dataset)
+        if classes is not None:
+            chosen = {resolve_class(dataset, c) for c in classes}
+            wanted = [c for c in wanted if c in chosen]
+        for cls in wanted:
+            for seed in sweep.get("seeds", [0]):
+                if seeds is not None and seed not in seeds:
+                    continue
+                stem = f"class{cls}_seed{seed}"
+                jobs.append(Job(nb, source, folder / f"{stem}.ipynb", folder / f"{stem}.json",
+                                {**params, "normal_class": cls, "seed": seed, "profile": name}))
+    outputs = [j.output for j in jobs]
+    if len(set(outputs)) != len(outputs):
+        raise PipelineError(f"profile {name!r} maps two runs to one output; give sweeps a 'tag'")
+    return jobs
+
+
+def provenance_markdown(record: dict) -> str:
+    """The note every executed page opens with: which run produced it."""
+    data = record.get("data", {})
+    seconds = sum(v for v in record["timings"].values() if isinstance(v, (int, float)))
+    return (
+        "```{admonition} Provenance of this page\n:class: note\n"
+        f"Profile **{record['profile']}** · data **{record['dataset']}** "
+        f"({data.get('source', 'see record')}) · normal class **{record['normal_class']}** · "
+        f"protocol {record['protocol']} · seed **{record['seed']}** · "
+        f"device **{record['device']}** · run {record['date']} · commit `{record['git_commit']}` "
+        f"· measured time {seconds:.0f} s. Executed by papermill from the source notebook; the "
+        "numbers below come from that run and its record.\n```")
+
+
+def add_provenance(notebook_path: Path, record: dict) -> None:
+    """Name the run in the page title and insert the provenance note below it."""
+    import nbformat
+
+    nb = nbformat.read(notebook_path, as_version=4)
+    suffix = (f" — {record['dataset']} class {record['normal_class']}, seed {record['seed']}"
+              f" ({record['profile']})")
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type == "markdown" and cell.source.lstrip().startswith("# "):
+            first, _, rest = cell.source.lstrip().partition("\n")
+            cell.source = first + suffix + ("\n" + rest if rest else "")
+            nb.cells.insert(index + 1, nbformat.v4.new_markdown_cell(
+                provenance_markdown(record), metadata={"tags": ["provenance"]}))
+            break
+    nbformat.write(nb, notebook_path)
+
+
+def execute(job: Job, threads: int | None = None) -> Outcome:
+    """Run one notebook with papermill; succeed only if it wrote a complete record."""
+    import papermill as pm
+
+    if threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(threads)
+    job.output.parent.mkdir(parents=True, exist_ok=True)
+    job.record.unlink(missing_ok=True)  # a stale record must not pass for this run's
+    start = time.perf_counter()
+    try:
+        pm.execute_notebook(str(job.source), str(job.output),
+                            parameters={**job.parameters, "record_path": str(job.record)},
+                            kernel_name=KERNEL, progress_bar=False, cwd=str(PROJECT_ROOT))
+    except Exception as err:  # the executed notebook is kept, with the error in it
+        message = str(err).strip().splitlines()
+        return Outcome(job, False, time.perf_counter() - start,
+                       (message[-1] if message else type(err).__name__)[:300])
+    if not is_complete_record(job.record):
+        return Outcome(job, False, time.perf_counter() - start,
+                       f"notebook finished but wrote no complete record at {job.record}")
+    add_provenance(job.output, read_record(job.record))
+    return Outcome(job, True, time.perf_counter() - start)
+
+
+def run(jobs: list[Job], n_jobs: int = 1, force: bool = False) -> list[Outcome]:
+    """Execute the jobs that are not done yet (all with ``force``), ``n_jobs`` at a time."""
+    from tqdm.auto import tqdm
+
+    todo = [j for j in jobs if force or not j.is_done()]
+    skipped = len(jobs) - len(todo)
+    if skipped:
+        print(f"{skipped} of {len(jobs)} runs already have records: skipped (--force reruns)")
+    if not todo:
+        return []
+    threads = max(1, (os.cpu_count() or 1) // max(1, n_jobs))
+    outcomes: list[Outcome] = []
+    bar = tqdm(total=len(todo), desc="runs", unit="run")
+    with ProcessPoolExecutor(max_workers=max(1, n_jobs)) as pool:
+        futures = {pool.submit(execute, job, threads): job for job in todo}
+        try:
+            for future in as_completed(futures):
+                outcome = future.result()
+                outcomes.append(outcome)
+                state = "ok" if outcome.ok else f"FAILED: {outcome.message}"
+                bar.write(f"{outcome.job.name}: {state} ({outcome.seconds:.0f} s)")
+                bar.update()
+        except KeyboardInterrupt:
+            for f in futures:
+                f.cancel()
+            bar.write("interrupted: finished runs keep their records; rerun to do the rest")
+            raise
+        finally:
+            bar.close()
+    return outcomes
+
+
+def summarise(outcomes: list[Outcome]) -> str:
+    failed = [o for o in outcomes if not o.ok]
+    lines = [f"{len(outcomes) - len(failed)} succeeded, {len(failed)} failed"]
+    lines += [f"  FAILED {o.job.name}: {o.message}\n    see {o.job.output}" for o in failed]
+    return "\n".join(lines)
+
+
+def _parse_value(text: str):
+    return yaml.safe_load(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nbutils.pipeline",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", default="quick",
+                        help=f"profile name ({', '.join(available_profiles())}) or YAML path")
+    parser.add_argument("--notebook", nargs="+", help="only these notebooks")
+    parser.add_argument("--classes", nargs="+", help="only these classes (index or name)")
+    parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
+    parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
+                        metavar=("NAME", "VALUE"), help="override a notebook parameter")
+    parser.add_argument("--jobs", type=int, default=1, help="notebooks executed at once")
+    parser.add_argument("--force", action="store_true", help="rerun runs that have records")
+    parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
+    parser.add_argument("--list", action="store_true", help="show the plan and exit")
+    args = parser.parse_args(argv)
+    try:
+        jobs = plan(args.profile, args.runs_dir, args.notebook, args.classes, args.seeds,
+                    {k: _parse_value(v) for k, v in args.parameter})
+    except (PipelineError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.list:
+        for job in jobs:
+            print(f"{'done' if job.is_done() else 'todo'}  {job.name}  -> {job.output}")
+        return 0
+    outcomes = run(jobs, args.jobs, args.force)
+    print(summarise(outcomes))
+    return 1 if any(not o.ok for o in outcomes) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

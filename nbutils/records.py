@@ -1,0 +1,172 @@
+"""Run records: one JSON file per run, written atomically, read back into tables.
+
+A record says what ran (method, variant, data, class, protocol, seed, profile, parameters),
+what came out (metrics), how long it took, where (device) and with what code (git commit,
+library versions). Results tables and plots in the book are built from these files only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from nbutils.config import PROJECT_ROOT
+
+SCHEMA = 1
+REQUIRED = ("schema", "method", "variant", "dataset", "normal_class", "protocol", "seed",
+            "profile", "params", "metrics", "timings", "device", "versions", "git_commit", "date")
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> str:
+    """The current commit, with ``-dirty`` when tracked files have uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (commit or "unknown") + ("-dirty" if dirty else "")
+
+
+def library_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "scikit-learn", "scikit-image", "papermill"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _jsonable(value: Any) -> Any:
+    """Turn numpy/torch scalars and paths into plain JSON values."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:
+        return value.item()
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return value
+
+
+def make_record(*, method: str, variant: str, dataset: str, normal_class: int, protocol: str,
+                seed: int, profile: str, params: dict, metrics: dict, timings: dict,
+                device: str, data: dict | None = None, extra: dict | None = None) -> dict:
+    """Assemble a complete record; versions, commit and date are filled in here."""
+    return _jsonable({
+        "schema": SCHEMA, "method": method, "variant": variant, "dataset": dataset,
+        "normal_class": int(normal_class), "protocol": protocol, "seed": int(seed),
+        "profile": profile, "params": params, "metrics": metrics, "timings": timings,
+        "device": device, "data": data or {}, "versions": library_versions(),
+        "git_commit": git_commit(), "host": platform.node(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "extra": extra or {},
+    })
+
+
+def write_record(record: dict, path: str | os.PathLike) -> Path:
+    """Write atomically: a reader sees the old file or the whole new one, never half of it."""
+    missing = [k for k in REQUIRED if k not in record]
+    if missing:
+        raise ValueError(f"record lacks {missing}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(_jsonable(record), f, indent=1, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_record(path: str | os.PathLike) -> dict:
+    """Read one record; raise ``ValueError`` if it is not a complete record."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    missing = [k for k in REQUIRED if k not in record]
+    if missing:
+        raise ValueError(f"{path} is not a complete run record (lacks {missing})")
+    return record
+
+
+def is_complete_record(path: str | os.PathLike) -> bool:
+    try:
+        read_record(path)
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def find_records(root: str | os.PathLike) -> list[Path]:
+    """Every complete record below ``root`` (temporary and broken files are skipped)."""
+    root = Path(root)
+    if not root.exists():
+        return []
+    return sorted(p for p in root.rglob("*.json")
+                  if not p.name.startswith(".") and is_complete_record(p))
+
+
+def records_table(root: str | os.PathLike):
+    """All records below ``root`` as a pandas DataFrame, metrics flattened to columns."""
+    import pandas as pd
+
+    rows = []
+    for path in find_records(root):
+        r = read_record(path)
+        row = {k: r[k] for k in ("method", "variant", "dataset", "normal_class", "protocol",
+                                 "seed", "profile", "device", "git_commit", "date")}
+        row.update({f"metric.{k}": v for k, v in r["metrics"].items()
+                    if isinstance(v, (int, float))})
+        row.update({f"time.{k}": v for k, v in r["timings"].items()
+                    if isinstance(v, (int, float))})
+        # <runs>/<profile>/<notebook>/<run set>/class<k>_seed<s>.json; manual runs lack these
+        row["notebook"] = path.parent.parent.name
+        row["run_set"] = path.parent.name
+        row["path"] = str(path)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def default_record_path(method: str, dataset: str, normal_class: int, seed: int,
+                        variant: str = "") -> Path:
+    """Where a notebook run by hand writes its record: ``runs/manual/`` (git-ignored)."""
+    name = f"{method}{'-' + variant if variant else ''}_{dataset}_class{normal_class}_seed{seed}"
+    return PROJECT_ROOT / "runs" / "manual" / f"{name}.json"
+
+
+class Timer:
+    """Collects named wall-clock durations: ``with timer("train"): ...``; ``timer.seconds``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
