@@ -244,11 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="notebooks executed at once")
     parser.add_argument("--force", action="store_true", help="rerun runs that have records")
     parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
+    parser.add_argument("--notebook-dir", type=Path, default=NOTEBOOK_DIR, help=argparse.SUPPRESS)
     parser.add_argument("--list", action="store_true", help="show the plan and exit")
     args = parser.parse_args(argv)
     try:
         jobs = plan(args.profile, args.runs_dir, args.notebook, args.classes, args.seeds,
-                    {k: _parse_value(v) for k, v in args.parameter})
+                    {k: _parse_value(v) for k, v in args.parameter}, args.notebook_dir)
     except (PipelineError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,83 @@
+"""Every chapter executes through papermill (smoke profile) and the book builds with -W."""
+
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+import yaml
+
+from nbutils import book, pipeline
+from nbutils.config import PROJECT_ROOT
+from nbutils.records import read_record
+
+NOTEBOOKS = sorted(p for p in (PROJECT_ROOT / "notebooks").glob("*.ipynb"))
+CHAPTERS = [p.stem for p in NOTEBOOKS if p.stem != "results"]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_source_notebook_is_clean_and_parameterised(path):
+    nb = nbformat.read(path, as_version=4)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "commit without outputs"
+    assert sum("parameters" in c.metadata.get("tags", []) for c in code) == 1
+    assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "paper"])
+def test_every_chapter_is_in_every_profile(profile):
+    _, spec = pipeline.load_profile(profile)
+    assert set(CHAPTERS) <= {s["notebook"] for s in spec["sweeps"]}
+
+
+def test_chapters_have_a_page_and_a_place_in_the_book():
+    for name in CHAPTERS:
+        assert (PROJECT_ROOT / "book" / "chapters" / f"{name}.md").exists()
+        assert name in dict(book.CHAPTERS)
+
+
+@pytest.fixture(scope="module")
+def smoke_book(tmp_path_factory):
+    """A copy of the book's pages with the smoke runs of every chapter."""
+    root = tmp_path_factory.mktemp("book")
+    shutil.copy(PROJECT_ROOT / "_config.yml", root)
+    shutil.copytree(PROJECT_ROOT / "book", root / "book",
+                    ignore=shutil.ignore_patterns("runs", "generated"))
+    jobs = pipeline.plan("smoke", root / "book" / "runs")
+    outcomes = pipeline.run(jobs, n_jobs=2)
+    return root, jobs, outcomes
+
+
+@pytest.mark.slow
+def test_every_chapter_executes_with_tiny_parameters(smoke_book):
+    _, jobs, outcomes = smoke_book
+    assert {j.notebook for j in jobs} == set(CHAPTERS)
+    failures = [f"{o.job.name}: {o.message}" for o in outcomes if not o.ok]
+    assert not failures, failures
+    for job in jobs:
+        record = read_record(job.record)
+        assert record["profile"] == "smoke" and 0 <= record["metrics"]["auroc"] <= 1
+
+
+@pytest.mark.slow
+def test_book_builds_without_warnings(smoke_book):
+    root, jobs, _ = smoke_book
+    toc = yaml.safe_load(book.write_toc(root, root / "book" / "runs",
+                                        PROJECT_ROOT / "notebooks").read_text())
+    listed = {s["file"] for part in toc["parts"] for ch in part["chapters"]
+              for s in ch.get("sections", [])}
+    assert {str(j.output.relative_to(root).with_suffix("")) for j in jobs} <= listed
+    book.execute_results(root, root / "book" / "runs", PROJECT_ROOT / "notebooks")
+    index = book.build_html(root)
+    html = (root / "_build" / "html" / "book" / "generated" / "results.html").read_text()
+    assert index.exists() and "Per-class tables" in html and "smoke" in html
+
+
+def test_source_notebooks_pass_ruff():
+    import subprocess
+    import sys
+
+    ruff = Path(sys.executable).with_name("ruff")
+    result = subprocess.run([str(ruff), "check", str(PROJECT_ROOT)], capture_output=True,
+                            text=True, cwd=PROJECT_ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
