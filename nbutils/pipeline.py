@@ -142,7 +142,7 @@ def provenance_markdown(record: dict) -> str:
         f"({data.get('source', 'see record')}) · normal class **{record['normal_class']}** · "
         f"protocol {record['protocol']} · seed **{record['seed']}** · "
         f"device **{record['device']}** · run {record['date']} · commit `{record['git_commit']}` "
-        f"· measured time {seconds:.0f} s. Executed by papermill from the source notebook; the "
+        f"· timed phases {seconds:.1f} s. Executed by papermill from the source notebook; the "
         "numbers below come from that run and its record.\n```")
 
 
