@@ -49,6 +49,12 @@ def _run_order(path: Path):
     return (path.parent.name, int(cls) if cls.isdigit() else cls, int(seed) if seed.isdigit() else 0)
 
 
+def _run_title(path: Path) -> str:
+    """Short sidebar label: run set, class and seed (the page's own title says more)."""
+    cls, _, seed = path.stem.removeprefix("class").partition("_seed")
+    return f"{path.parent.name}: class {cls}, seed {seed}"
+
+
 def build_toc(root: Path, runs_dir: Path, notebook_dir: Path) -> dict:
     def rel(path: Path) -> str:
         return str(path.relative_to(root).with_suffix(""))
@@ -60,7 +66,7 @@ def build_toc(root: Path, runs_dir: Path, notebook_dir: Path) -> dict:
         entry: dict = {"file": f"book/chapters/{name}"}
         _, runs = published_runs(runs_dir, name)
         if runs:
-            entry["sections"] = [{"file": rel(p)} for p in runs]
+            entry["sections"] = [{"file": rel(p), "title": _run_title(p)} for p in runs]
         chapters.append(entry)
     parts = [
         {"caption": "Foundations", "chapters": [{"file": "book/protocol"}]},

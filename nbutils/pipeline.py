@@ -142,6 +142,7 @@ def provenance_markdown(record: dict) -> str:
         f"({data.get('source', 'see record')}) · normal class **{record['normal_class']}** · "
         f"protocol {record['protocol']} · seed **{record['seed']}** · "
         f"device **{record['device']}** · run {record['date']} · commit `{record['git_commit']}` "
+        f"(code `{record.get('code_sha', '?')}`) "
         f"· timed phases {seconds:.1f} s. Executed by papermill from the source notebook; the "
         "numbers below come from that run and its record.\n```")
 
@@ -170,6 +171,7 @@ def execute(job: Job, threads: int | None = None) -> Outcome:
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(threads)
+    os.environ["NBUTILS_SOURCE_NOTEBOOK"] = str(job.source)  # the kernel hashes it (code_sha)
     job.output.parent.mkdir(parents=True, exist_ok=True)
     job.record.unlink(missing_ok=True)  # a stale record must not pass for this run's
     start = time.perf_counter()

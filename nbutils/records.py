@@ -8,6 +8,7 @@ library versions). Results tables and plots in the book are built from these fil
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import platform
@@ -25,17 +26,33 @@ REQUIRED = ("schema", "method", "variant", "dataset", "normal_class", "protocol"
             "profile", "params", "metrics", "timings", "device", "versions", "git_commit", "date")
 
 
+CODE_PATHS = ("nbutils", "notebooks")  # what a run executes; edits elsewhere do not matter
+
+
 def git_commit(root: Path = PROJECT_ROOT) -> str:
-    """The current commit, with ``-dirty`` when tracked files have uncommitted changes."""
+    """The current commit, with ``-dirty`` when the code a run executes (``nbutils/``,
+    ``notebooks/``, committed or new files) differs from it."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               timeout=10).stdout.strip()
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--", *CODE_PATHS)
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit or "unknown") + ("-dirty" if dirty else "")
+
+
+def code_sha(notebook: str | os.PathLike | None = None) -> str:
+    """A hash of the code that ran: nbutils' sources and the source notebook (the pipeline
+    names it in ``$NBUTILS_SOURCE_NOTEBOOK``). Equal hashes mean the same code."""
+    digest = hashlib.sha256()
+    notebook = notebook or os.environ.get("NBUTILS_SOURCE_NOTEBOOK")
+    files = sorted((PROJECT_ROOT / "nbutils").glob("*.py"))
+    files += [Path(notebook)] if notebook and Path(notebook).exists() else []
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def library_versions() -> dict[str, str]:
@@ -74,8 +91,8 @@ def make_record(*, method: str, variant: str, dataset: str, normal_class: int, p
         "normal_class": int(normal_class), "protocol": protocol, "seed": int(seed),
         "profile": profile, "params": params, "metrics": metrics, "timings": timings,
         "device": device, "data": data or {}, "versions": library_versions(),
-        "git_commit": git_commit(), "host": platform.node(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(), "code_sha": code_sha(), "host": platform.node(),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "extra": extra or {},
     })
 

@@ -1,8 +1,8 @@
 """environment.yml (conda) installs the same dependencies as pyproject.toml (pip)."""
 
 import re
-
 import tomllib
+
 import yaml
 
 from nbutils.config import PROJECT_ROOT

@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from nbutils.config import get_device, seed_everything
+from nbutils.gradients import flatten_gradients, loop_gradients, per_sample_gradients
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 16),
+                               torch.nn.Unflatten(1, (1, 4, 4)), torch.nn.Sigmoid())
+
+
+def _mse(out, x):
+    return ((out - x) ** 2).mean()
+
+
+def test_vectorised_gradients_equal_the_loop():
+    model, x = _model(), torch.rand(10, 1, 4, 4)
+    names = ["0.weight", "3.weight", "3.bias"]
+    fast = per_sample_gradients(model, _mse, x, names, batch_size=4)
+    slow = loop_gradients(model, _mse, x, names)
+    for n in names:
+        assert fast[n].shape == (10, *dict(model.named_parameters())[n].shape)
+        torch.testing.assert_close(fast[n], slow[n], rtol=1e-5, atol=1e-7)
+    assert flatten_gradients(fast).shape == (10, 3 * 9 + 48 * 16 + 16)
+
+
+def test_gradients_differ_between_samples_and_unknown_names_fail():
+    model, x = _model(), torch.rand(3, 1, 4, 4)
+    g = flatten_gradients(per_sample_gradients(model, _mse, x))
+    assert not torch.allclose(g[0], g[1])
+    with pytest.raises(KeyError, match="no parameters"):
+        per_sample_gradients(model, _mse, x, ["nope.weight"])
+
+
+def test_seeding_and_device():
+    seed_everything(3)
+    a = torch.rand(3)
+    seed_everything(3)
+    assert torch.equal(a, torch.rand(3))
+    assert get_device("cpu").type == "cpu" and get_device("auto").type in {"cpu", "cuda", "mps"}
