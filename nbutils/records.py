@@ -26,18 +26,21 @@ REQUIRED = ("schema", "method", "variant", "dataset", "normal_class", "protocol"
             "profile", "params", "metrics", "timings", "device", "versions", "git_commit", "date")
 
 
-CODE_PATHS = ("nbutils", "notebooks")  # what a run executes; edits elsewhere do not matter
+def _code_paths() -> list[str]:
+    """What a run executes: nbutils and its own source notebook (named by the pipeline)."""
+    notebook = os.environ.get("NBUTILS_SOURCE_NOTEBOOK")
+    return ["nbutils", notebook] if notebook else ["nbutils", "notebooks"]
 
 
 def git_commit(root: Path = PROJECT_ROOT) -> str:
-    """The current commit, with ``-dirty`` when the code a run executes (``nbutils/``,
-    ``notebooks/``, committed or new files) differs from it."""
+    """The current commit, with ``-dirty`` when the code a run executes (nbutils and the
+    source notebook, committed or new) differs from it; edits elsewhere do not count."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               timeout=10).stdout.strip()
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
-        dirty = git("status", "--porcelain", "--", *CODE_PATHS)
+        dirty = git("status", "--porcelain", "--", *_code_paths())
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return (commit or "unknown") + ("-dirty" if dirty else "")
