@@ -76,6 +76,10 @@ def load_profile(profile: str) -> tuple[str, dict]:
     spec = yaml.safe_load(path.read_text()) or {}
     if not isinstance(spec.get("sweeps"), list):
         raise PipelineError(f"profile {path} has no 'sweeps' list")
+    for sweep in spec["sweeps"]:
+        unknown = set(sweep) - {"notebook", "tag", "classes", "seeds", "parameters", "note"}
+        if unknown or "notebook" not in sweep:
+            raise PipelineError(f"profile {path}: bad sweep {sweep} (unknown keys {unknown})")
     return path.stem, spec
 
 
@@ -95,8 +99,9 @@ def _classes(spec, dataset: str) -> list[int]:
 
 def plan(profile: str, runs_dir: Path = DEFAULT_RUNS_DIR, notebooks: list[str] | None = None,
          classes: list | None = None, seeds: list[int] | None = None,
-         overrides: dict | None = None, notebook_dir: Path = NOTEBOOK_DIR) -> list[Job]:
-    """Expand a profile into jobs (filtered by notebook, class and seed)."""
+         overrides: dict | None = None, notebook_dir: Path = NOTEBOOK_DIR,
+         tags: list[str] | None = None) -> list[Job]:
+    """Expand a profile into jobs (filtered by notebook, sweep tag, class and seed)."""
     name, spec = load_profile(profile)
     if notebooks:
         known = {s.get("notebook") for s in spec["sweeps"]}
@@ -107,7 +112,7 @@ def plan(profile: str, runs_dir: Path = DEFAULT_RUNS_DIR, notebooks: list[str] |
     jobs: list[Job] = []
     for sweep in spec["sweeps"]:
         nb = sweep["notebook"]
-        if notebooks and nb not in notebooks:
+        if notebooks and nb not in notebooks or tags and sweep.get("tag", "") not in tags:
             continue
         params = {**(sweep.get("parameters") or {}), **(overrides or {})}
         dataset = params.get("dataset")
@@ -239,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", default="quick",
                         help=f"profile name ({', '.join(available_profiles())}) or YAML path")
     parser.add_argument("--notebook", nargs="+", help="only these notebooks")
+    parser.add_argument("--tag", nargs="+", help="only the sweeps with these tags")
     parser.add_argument("--classes", nargs="+", help="only these classes (index or name)")
     parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         jobs = plan(args.profile, args.runs_dir, args.notebook, args.classes, args.seeds,
-                    {k: _parse_value(v) for k, v in args.parameter}, args.notebook_dir)
+                    {k: _parse_value(v) for k, v in args.parameter}, args.notebook_dir, args.tag)
     except (PipelineError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
