@@ -1,0 +1,175 @@
+"""GradCon and the Fisher-kernel chapter: the pieces that must be exactly right (fast, CPU).
+
+The model, the vectorised scorer and both training loops are the ones of
+``benchmarks/gradcon_speed.py``, which mirror the GradCon notebook's cells.
+"""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("gradcon_speed",
+                                               ROOT / "benchmarks" / "gradcon_speed.py")
+gs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gs)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return gs.GradConCAE(1).eval()
+
+
+def test_cae_parameter_count():
+    n = sum(p.numel() for p in gs.GradConCAE(1).parameters())
+    assert n == 230_721  # "about 231k"
+    x = torch.rand(2, 1, 28, 28)
+    assert gs.GradConCAE(1)(x).shape == x.shape
+    assert gs.GradConCAE(3)(torch.rand(2, 3, 28, 28)).shape == (2, 3, 28, 28)
+
+
+def test_vectorised_gradients_equal_one_sample_loop(model):
+    from nbutils.gradients import loop_gradients, per_sample_gradients
+
+    x = torch.rand(6, 1, 28, 28)
+    names = [f"up.{i}.weight" for i in gs.DECODER_CONVS]
+    loop = loop_gradients(model, lambda o, t: F.mse_loss(o, t), x, names)
+    func = per_sample_gradients(model, lambda o, t: F.mse_loss(o, t), x, names)
+    losses, grouped = gs.per_sample_grads_batched(model, x)
+    for name, g in zip(names, grouped, strict=True):
+        scale = loop[name].abs().max()
+        assert torch.allclose(g, loop[name], atol=1e-6 * scale, rtol=1e-4)
+        assert torch.allclose(func[name], loop[name], atol=1e-6 * scale, rtol=1e-4)
+    assert torch.allclose(losses, (model(x) - x).pow(2).flatten(1).mean(1), rtol=1e-5)
+
+
+def test_vectorised_scores_equal_official_loop(model):
+    x = torch.rand(10, 1, 28, 28)
+    ref = [torch.randn_like(w) for w in gs.decoder_weights(model)]
+    rec_loop, g_loop = gs.score_official_loop(model, x, ref)
+    rec_vec, g_vec = gs.score_batched(model, x, ref, batch_size=4)
+    np.testing.assert_allclose(rec_vec, rec_loop, rtol=1e-5)
+    np.testing.assert_allclose(g_vec, g_loop, atol=1e-5)
+    assert np.all(np.abs(g_vec) <= 1 + 1e-6)
+
+
+def test_gradient_loss_zero_first_then_finite():
+    torch.manual_seed(0)
+    x = torch.rand(32, 1, 28, 28)
+    m = gs.GradConCAE(1)
+    weights = gs.decoder_weights(m)
+    ref_sum, count = [torch.zeros_like(w) for w in weights], 0
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    grad_losses = []
+    for it in range(3):
+        xb = x[it * 8:(it + 1) * 8]
+        opt.zero_grad()
+        rec = F.mse_loss(m(xb), xb)
+        if count == 0:
+            gl = torch.zeros(())
+        else:
+            grads = torch.autograd.grad(rec, weights, create_graph=True)
+            gl = -torch.stack([F.cosine_similarity(g.reshape(1, -1), r.reshape(1, -1) / count)[0]
+                               for g, r in zip(grads, ref_sum, strict=True)]).mean()
+        (rec + 0.03 * gl).backward()
+        for r, w in zip(ref_sum, weights, strict=True):
+            r += w.grad
+        count += 1
+        opt.step()
+        grad_losses.append(float(gl.detach()))
+    assert grad_losses[0] == 0.0
+    assert all(np.isfinite(g) and -1 - 1e-6 <= g <= 1 + 1e-6 for g in grad_losses[1:])
+    assert grad_losses[1] != 0.0
+    # the second-order term reaches the encoder too (create_graph=True is real)
+    assert all(p.grad is not None for p in m.down.parameters())
+
+
+def test_official_and_vectorised_training_agree():
+    torch.manual_seed(1)
+    images = (torch.rand(64, 1, 28, 28) * 255).round().to(torch.uint8).numpy()
+    x = torch.from_numpy(images.astype(np.float32) / 255)
+    loader = torch.utils.data.DataLoader(gs._PerImage(images), batch_size=16, shuffle=False)
+    m = gs.GradConCAE(1)
+    init = {k: v.clone() for k, v in m.state_dict().items()}
+    l_off = gs.train_official(m, loader, 5)
+    m.load_state_dict(init)
+    l_vec = gs.train_vectorised(m, x, 5, batch_size=16)
+    np.testing.assert_allclose(l_off, l_vec, rtol=1e-4)
+
+
+def test_fisher_information_linear_gaussian_closed_form():
+    """Score of x = Wz + b + N(0, s^2): autograd == closed form; MC Fisher == closed form."""
+    from torch.func import grad, vmap
+
+    g = torch.Generator().manual_seed(0)
+    d, k, s, n = 2, 2, 0.7, 100_000
+    W = torch.randn(d, k, generator=g, dtype=torch.float64)
+    b = torch.randn(d, generator=g, dtype=torch.float64)
+    mu = torch.tensor([1.0, -0.5], dtype=torch.float64)
+    L = torch.tensor([[1.5, 0.0], [0.3, 0.5]], dtype=torch.float64)
+    z = mu + torch.randn(n, k, generator=g, dtype=torch.float64) @ L.T
+    x = z @ W.T + b + s * torch.randn(n, d, generator=g, dtype=torch.float64)
+
+    def log_lik(p, xi, zi):
+        return -0.5 * ((xi - p["W"] @ zi - p["b"]) ** 2).sum() / s**2
+
+    u = vmap(grad(log_lik), in_dims=(None, 0, 0))({"W": W, "b": b}, x, z)
+    U = torch.cat([u["W"], u["b"][:, :, None]], dim=2).reshape(n, -1)
+    zt = torch.cat([z, torch.ones(n, 1, dtype=torch.float64)], 1)
+    resid = (x - z @ W.T - b) / s**2
+    assert torch.allclose(U, (resid[:, :, None] * zt[:, None, :]).reshape(n, -1), atol=1e-10)
+    second = torch.ones(k + 1, k + 1, dtype=torch.float64)
+    second[:k, :k] = L @ L.T + torch.outer(mu, mu)
+    second[:k, k] = second[k, :k] = mu
+    F_exact = torch.kron(torch.eye(d, dtype=torch.float64), second) / s**2
+    F_mc = U.T @ U / n
+    assert torch.linalg.norm(F_mc - F_exact) / torch.linalg.norm(F_exact) < 0.03
+    z_mean = U.mean(0).abs() / (U.std(0) / np.sqrt(n))
+    assert z_mean.max() < 5  # E[U] = 0 under the model
+    # F = I exactly when mu = 0, Sigma = I, s = 1: the F = I kernel is then the Fisher kernel
+    second_id = torch.eye(k + 1, dtype=torch.float64)
+    assert torch.allclose(torch.kron(torch.eye(d, dtype=torch.float64), second_id),
+                          torch.eye(d * (k + 1), dtype=torch.float64))
+    # normalised Fisher kernel == plain cosine of whitened scores
+    Uf = U[:50]
+    Fi = torch.linalg.inv(F_exact)
+    K = Uf @ Fi @ Uf.T
+    Kn = K / torch.sqrt(torch.outer(torch.diag(K), torch.diag(K)))
+    ev, V = torch.linalg.eigh(F_exact)
+    Uw = Uf @ V @ torch.diag(ev.rsqrt()) @ V.T
+    assert torch.allclose(Kn, F.cosine_similarity(Uw[:, None], Uw[None], dim=2), atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["gradcon", "fisher_kernel"])
+def test_notebook_contract(name):
+    """Parameters cell with the contract's names and paper defaults; no stored outputs."""
+    nb = json.loads((ROOT / "notebooks" / f"{name}.ipynb").read_text())
+    assert nb["cells"][0]["cell_type"] == "markdown"
+    assert "".join(nb["cells"][0]["source"]).startswith("# ")
+    tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1
+    namespace: dict = {}
+    exec("".join(tagged[0]["source"]), namespace)
+    for key in ("normal_class", "dataset", "protocol", "seed", "device", "data_root",
+                "profile", "record_path"):
+        assert key in namespace, key
+    assert namespace["dataset"] == "mnist"
+    assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code")
+    if name == "gradcon":
+        expected = {"protocol": "gradcon50", "variant": "cae_grad", "recipe": "faithful",
+                    "epochs": 1000, "batch_size": 64, "lr": 1e-3, "alpha": 0.03, "beta": 0.12}
+        assert {k: namespace[k] for k in expected} == expected
