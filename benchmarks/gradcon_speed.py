@@ -182,6 +182,14 @@ def train_official(model, loader, iters, alpha=0.03, lr=1e-3):
     return losses
 
 
+def _git_commit() -> str:
+    """The commit, '-dirty' if nbutils or this script differ from it (nbutils.records)."""
+    from nbutils.records import git_commit
+
+    os.environ["NBUTILS_SOURCE_NOTEBOOK"] = str(Path(__file__).resolve())
+    return git_commit()
+
+
 def train_vectorised(model, x, iters, batch_size=64, alpha=0.03, lr=1e-3, order=None):
     """The notebook's train loop: in-memory batches, one autograd.grad call for all layers."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -321,7 +329,8 @@ def main(argv=None) -> int:
               "data": split.source, "n_images": len(x), "n_params": n_params,
               "batch_size": args.batch_size, "train_iters": args.train_iters,
               "repeats": args.repeats, "scoring": scoring, "training": train,
-              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)}
+              "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
+              "git_commit": _git_commit()}
     try:
         with open("/proc/cpuinfo") as f:
             result["cpu"] = next(line.split(":", 1)[1].strip() for line in f
