@@ -5,7 +5,6 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 JOBS   ?= 2
-export MPLBACKEND := Agg
 export PYTHONUNBUFFERED := 1
 
 .PHONY: all book test lint setup clean paper help

@@ -11,6 +11,7 @@ page is a notebook executed by papermill from the records, so no number is typed
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,13 +91,21 @@ def write_toc(root: Path = PROJECT_ROOT, runs_dir: Path | None = None,
 def execute_results(root: Path = PROJECT_ROOT, runs_dir: Path | None = None,
                     notebook_dir: Path | None = None) -> Path:
     """Execute the results notebook on the records (papermill), into book/generated/."""
+    import nbformat
     import papermill as pm
 
     output = root / "book" / "generated" / "results.ipynb"
     output.parent.mkdir(parents=True, exist_ok=True)
+    os.environ.pop("MPLBACKEND", None)  # the kernel must draw inline figures
     pm.execute_notebook(str((notebook_dir or root / "notebooks") / "results.ipynb"), str(output),
                         parameters={"runs_dir": str(runs_dir or root / "book" / "runs")},
                         kernel_name="python3", progress_bar=False, cwd=str(root))
+    nb = nbformat.read(output, as_version=4)
+    for cell in nb.cells:  # readers need the tables, not the runs_dir plumbing
+        tags = cell.metadata.get("tags", [])
+        if "parameters" in tags or "injected-parameters" in tags:
+            cell.metadata["tags"] = [*tags, "remove-cell"]
+    nbformat.write(nb, output)
     return output
 
 

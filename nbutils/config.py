@@ -73,3 +73,23 @@ def describe_device(device) -> str:
     except OSError:
         pass
     return f"{device.type}: {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def save_checkpoint(obj, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically: an interrupted or concurrent run never leaves half a file
+    where the next run would load it (runs of different classes can share a checkpoint)."""
+    import tempfile
+
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -177,6 +177,7 @@ def execute(job: Job, threads: int | None = None) -> Outcome:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(threads)
     os.environ["NBUTILS_SOURCE_NOTEBOOK"] = str(job.source)  # the kernel hashes it (code_sha)
+    os.environ.pop("MPLBACKEND", None)  # a headless setting would hide the pages' figures
     job.output.parent.mkdir(parents=True, exist_ok=True)
     job.record.unlink(missing_ok=True)  # a stale record must not pass for this run's
     start = time.perf_counter()

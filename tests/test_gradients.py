@@ -41,3 +41,21 @@ def test_seeding_and_device():
     seed_everything(3)
     assert torch.equal(a, torch.rand(3))
     assert get_device("cpu").type == "cpu" and get_device("auto").type in {"cpu", "cuda", "mps"}
+
+
+def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
+    from nbutils.config import save_checkpoint
+
+    path = save_checkpoint({"w": torch.ones(2)}, tmp_path / "a" / "model.pt")
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(2))
+
+    def crash(obj, f):
+        with open(f, "wb") as handle:
+            handle.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"w": torch.zeros(2)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(2))
+    assert [p.name for p in path.parent.iterdir()] == ["model.pt"]

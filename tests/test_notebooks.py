@@ -57,6 +57,9 @@ def test_every_chapter_executes_with_tiny_parameters(smoke_book):
     for job in jobs:
         record = read_record(job.record)
         assert record["profile"] == "smoke" and 0 <= record["metrics"]["auroc"] <= 1
+        figures = [o for c in nbformat.read(job.output, as_version=4).cells
+                   for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+        assert figures, f"{job.name}: the executed page has no figures"
 
 
 @pytest.mark.slow
@@ -71,6 +74,7 @@ def test_book_builds_without_warnings(smoke_book):
     index = book.build_html(root)
     html = (root / "_build" / "html" / "book" / "generated" / "results.html").read_text()
     assert index.exists() and "Per-class tables" in html and "smoke" in html
+    assert "<img" in html and "runs_dir" not in html
 
 
 def test_source_notebooks_pass_ruff():
