@@ -235,10 +235,6 @@ def summarise(outcomes: list[Outcome]) -> str:
     return "\n".join(lines)
 
 
-def _parse_value(text: str):
-    return yaml.safe_load(text)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nbutils.pipeline",
                                      description=__doc__.split("\n\n")[0])
@@ -258,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         jobs = plan(args.profile, args.runs_dir, args.notebook, args.classes, args.seeds,
-                    {k: _parse_value(v) for k, v in args.parameter}, args.notebook_dir, args.tag)
+                    {k: yaml.safe_load(v) for k, v in args.parameter}, args.notebook_dir, args.tag)
     except (PipelineError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
