@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbutils.gradients import cosine_to_reference
+
 DECODER_CONVS = (0, 2, 4, 6)
 
 
@@ -110,8 +112,7 @@ def per_sample_grads_batched(model, x):
 
 
 def _terms(losses, grads, ref):
-    cos = torch.stack([(g.flatten(1) @ r.reshape(-1)) / (g.flatten(1).norm(dim=1) * r.norm())
-                       .clamp_min(1e-8) for g, r in zip(grads, ref, strict=True)])
+    cos = torch.stack([cosine_to_reference(g, r) for g, r in zip(grads, ref, strict=True)])
     return losses.double().numpy(), (-cos.mean(0)).double().numpy()
 
 

@@ -64,3 +64,17 @@ def loop_gradients(model: nn.Module, loss_fn: Callable[[Tensor, Tensor], Tensor]
             out[n].append(params[n].grad.detach().clone())
     model.zero_grad(set_to_none=True)
     return {n: torch.stack(v) for n, v in out.items()}
+
+
+def cosine_to_reference(per_sample: Tensor, reference: Tensor, eps: float = 1e-8) -> Tensor:
+    """Cosine between each row of ``per_sample`` (N, ...) and one ``reference`` tensor, (N,).
+
+    Matches ``F.cosine_similarity(g.reshape(1, -1), reference.reshape(1, -1), eps=eps)`` row by
+    row: each norm is clamped to ``eps`` on its own. Clamping the *product* of the norms instead
+    is wrong for small gradients (a well-reconstructed image's layer gradient can have a norm of
+    1e-6 against a reference of 1e-4, a product far below 1e-8).
+    """
+    rows = per_sample.flatten(start_dim=1)
+    ref = reference.reshape(-1)
+    unit_rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(eps)
+    return unit_rows @ (ref / ref.norm().clamp_min(eps))

@@ -1,8 +1,14 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nbutils.config import get_device, seed_everything
-from nbutils.gradients import flatten_gradients, loop_gradients, per_sample_gradients
+from nbutils.gradients import (
+    cosine_to_reference,
+    flatten_gradients,
+    loop_gradients,
+    per_sample_gradients,
+)
 
 
 def _model():
@@ -59,3 +65,18 @@ def test_checkpoints_are_written_atomically(tmp_path, monkeypatch):
         save_checkpoint({"w": torch.zeros(2)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(2))
     assert [p.name for p in path.parent.iterdir()] == ["model.pt"]
+
+
+@pytest.mark.parametrize("row_scale,ref_scale", [(1.0, 1.0), (1e-6, 1e-4), (1e-9, 1.0), (0.0, 1.0)])
+def test_cosine_to_reference_matches_torch_cosine_similarity(row_scale, ref_scale):
+    # Regression: clamping the product of the norms at 1e-8 shrank the cosine of small
+    # gradients (norms 1e-6 x 1e-4) and broke GradCon's vectorised-vs-loop check.
+    gen = torch.Generator().manual_seed(0)
+    rows = torch.randn(7, 3, 4, 4, generator=gen) * row_scale
+    ref = torch.randn(3, 4, 4, generator=gen) * ref_scale
+    expected = torch.stack([F.cosine_similarity(r.reshape(1, -1), ref.reshape(1, -1))[0] for r in rows])
+    got = cosine_to_reference(rows, ref)
+    assert got.shape == (7,)
+    assert torch.allclose(got, expected, atol=1e-6), (got, expected)
+    if row_scale == 1e-6:
+        assert got.abs().max() > 0.05  # not squashed towards zero
