@@ -38,6 +38,10 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               timeout=10).stdout.strip()
+    if not (root / ".git").exists():
+        # a copy of the tree without its history (e.g. the GPU machine): whoever made the copy
+        # names its commit; code_sha still tells whether the code that ran is that commit's
+        return os.environ.get("NBUTILS_GIT_COMMIT", "unknown")
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
         dirty = git("status", "--porcelain", "--", *_code_paths())
