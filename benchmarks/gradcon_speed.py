@@ -113,7 +113,7 @@ def per_sample_grads_batched(model, x):
 
 def _terms(losses, grads, ref):
     cos = torch.stack([cosine_to_reference(g, r) for g, r in zip(grads, ref, strict=True)])
-    return losses.double().numpy(), (-cos.mean(0)).double().numpy()
+    return losses.double().cpu().numpy(), (-cos.mean(0)).double().cpu().numpy()
 
 
 def score_batched(model, x, ref, batch_size=256):
@@ -155,13 +155,14 @@ class AverageMeter:
         self.avg = self.sum / self.count
 
 
-def train_official(model, loader, iters, alpha=0.03, lr=1e-3):
+def train_official(model, loader, iters, alpha=0.03, lr=1e-3, device="cpu"):
     """The official train(): four autograd.grad calls, AverageMeter references."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     ref = [AverageMeter(w) for w in decoder_weights(model)]
     losses, it = [], 0
     while it < iters:
         for data, target in loader:
+            data, target = data.to(device), target.to(device)  # the official .cuda()
             opt.zero_grad()
             model.zero_grad()
             rec = F.mse_loss(model(data), target)
@@ -170,7 +171,7 @@ def train_official(model, loader, iters, alpha=0.03, lr=1e-3):
                 g = torch.autograd.grad(rec, model.up[2 * i].weight, create_graph=True,
                                         retain_graph=True)[0]
                 grad_loss += -F.cosine_similarity(g.view(-1, 1), ref[i].avg.view(-1, 1), dim=0)
-            grad_loss = torch.zeros(1) if ref[0].count == 0 else grad_loss / 4
+            grad_loss = torch.zeros(1, device=device) if ref[0].count == 0 else grad_loss / 4
             loss = rec + alpha * grad_loss
             loss.backward()
             for i in range(4):
@@ -207,7 +208,7 @@ def train_vectorised(model, x, iters, batch_size=64, alpha=0.03, lr=1e-3, order=
                 gl = -torch.stack([F.cosine_similarity(g.reshape(1, -1), r.reshape(1, -1) / count)[0]
                                    for g, r in zip(grads, ref_sum, strict=True)]).mean()
             else:
-                gl = torch.zeros(())
+                gl = torch.zeros((), device=xb.device)
             loss = rec + alpha * gl
             loss.backward()
             for r, w in zip(ref_sum, weights, strict=True):
@@ -251,11 +252,18 @@ def load_images(n_images: int, seed: int):
     return split, torch.from_numpy(split.test[np.sort(idx)])
 
 
-def best_of(fn, repeats):
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def best_of(fn, repeats, device):
     times, out = [], None
     for _ in range(repeats):
+        _sync(device)
         start = time.perf_counter()
         out = fn()
+        _sync(device)
         times.append(time.perf_counter() - start)
     return min(times), times, out
 
@@ -269,12 +277,20 @@ def main(argv=None) -> int:
     parser.add_argument("--train-iters", type=int, default=60, help="training iterations timed")
     parser.add_argument("--repeats", type=int, default=3, help="timings repeated, best kept")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, auto")
     args = parser.parse_args(argv)
 
+    from nbutils.config import describe_device, get_device
+
+    dev = get_device(args.device)
+    # full float32 in cuDNN too: TF32 convolutions would differ from the batched matmuls by
+    # about 1e-3 and fail the identical-scores assertion
+    torch.backends.cudnn.allow_tf32 = False
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     split, x = load_images(args.n_images, args.seed)
-    model = GradConCAE(x.shape[1])
+    x = x.to(dev)
+    model = GradConCAE(x.shape[1]).to(dev)
     n_params = sum(p.numel() for p in model.parameters())
 
     # Training: both loops from the same initial weights, on the same batches (no shuffling).
@@ -282,13 +298,19 @@ def main(argv=None) -> int:
     train_x = torch.from_numpy(split.train)
     loader = torch.utils.data.DataLoader(
         _PerImage((split.train * 255).round().astype(np.uint8)), batch_size=64, shuffle=False)
-    x_u8 = torch.from_numpy((split.train * 255).round().astype(np.uint8).astype(np.float32) / 255)
+    x_u8 = torch.from_numpy((split.train * 255).round().astype(np.uint8).astype(np.float32) / 255).to(dev)
     timings = {}
-    for name, fn in (("official", lambda: train_official(model, loader, args.train_iters)),
-                     ("vectorised", lambda: train_vectorised(model, x_u8, args.train_iters))):
+    loops = (("official", lambda n: train_official(model, loader, n, device=dev)),
+             ("vectorised", lambda n: train_vectorised(model, x_u8, n)))
+    for _, fn in loops:  # warm-up, so that neither loop pays for start-up
         model.load_state_dict(init)
+        fn(3)
+    for name, fn in ((name, lambda fn=fn: fn(args.train_iters)) for name, fn in loops):
+        model.load_state_dict(init)
+        _sync(dev)
         start = time.perf_counter()
         losses = fn()
+        _sync(dev)
         timings[name] = (time.perf_counter() - start, losses)
     l_off, l_vec = np.array(timings["official"][1]), np.array(timings["vectorised"][1])
     # Same maths, different summation order: float differences grow through Adam over many
@@ -304,15 +326,16 @@ def main(argv=None) -> int:
     # Scoring: the model after those iterations; reference = its mean training gradient.
     model.eval()
     ref = [torch.zeros_like(w) for w in decoder_weights(model)]
-    _, grads = per_sample_grads_batched(model, torch.from_numpy(split.train[:512]))
+    _, grads = per_sample_grads_batched(model, torch.from_numpy(split.train[:512]).to(dev))
     ref = [g.mean(0) for g in grads]
     methods = {"official_loop": lambda: score_official_loop(model, x, ref),
                "torch_func_vmap": lambda: score_torch_func(model, x, ref),
                "batched_unfold": lambda: score_batched(model, x, ref, args.batch_size)}
-    score_batched(model, x[:64], ref)  # warm-up
+    for fn in (score_official_loop, score_torch_func, score_batched):
+        fn(model, x[:16], ref)  # warm-up: kernels loaded, cuDNN plans chosen
     scoring, outs = {}, {}
     for name, fn in methods.items():
-        best, times, out = best_of(fn, args.repeats)
+        best, times, out = best_of(fn, args.repeats, dev)
         scoring[name] = {"seconds": best, "images_per_s": len(x) / best, "all_seconds": times}
         outs[name] = out
     for name in ("torch_func_vmap", "batched_unfold"):
@@ -324,7 +347,7 @@ def main(argv=None) -> int:
         scoring[name]["speedup_vs_official"] = (scoring[name]["images_per_s"]
                                                 / scoring["official_loop"]["images_per_s"])
 
-    result = {"benchmark": "gradcon_speed", "device": "cpu", "threads": args.threads,
+    result = {"benchmark": "gradcon_speed", "device": describe_device(dev), "threads": args.threads,
               "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
               "torch": torch.__version__, "python": platform.python_version(),
               "data": split.source, "n_images": len(x), "n_params": n_params,
@@ -341,7 +364,7 @@ def main(argv=None) -> int:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(result, indent=1))
 
-    print(f"GradCon speed on {result['cpu']}, {args.threads} thread(s); {len(x)} images, "
+    print(f"GradCon speed on {result['device']} ({result['cpu']}, {args.threads} thread(s)); {len(x)} images, "
           f"{n_params:,}-parameter CAE")
     print(f"{'scoring':<18}{'images/s':>12}{'speed-up':>10}{'max |diff|':>12}")
     for name, s in scoring.items():

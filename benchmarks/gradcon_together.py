@@ -1,0 +1,367 @@
+"""Train many GradCon CAEs at once: every (class, seed) run becomes one group of grouped convolutions.
+
+    python benchmarks/gradcon_together.py --classes all --seeds 0 1 2 --epochs 1000 --device cuda
+
+GradCon's CAE is small (231k parameters, batches of 64 MNIST images), so one training run keeps a
+GPU almost idle: the time goes into launching kernels, not into arithmetic. Stacking G models
+side by side as *grouped* convolutions (``groups=G``; model g sees its own batch in channel
+block g) runs all of them with the launches of one. Nothing couples the groups: the loss is
+the sum of the per-model losses, so each model's slice of every gradient is its own gradient.
+
+What each model sees is exactly the notebook's ``train_gradcon`` (``notebooks/gradcon.ipynb``):
+same initial weights (the notebook's ``GradConCAE`` after ``seed_everything(seed)``), same
+shuffling generator, batches of 64 with a short last batch, the gradient loss against the
+cumulative mean of past total-loss gradients (from the second iteration on), Adam, the
+official validation loss every epoch and the three snapshots (faithful, corrected, last).
+Classes have different numbers of images, so a model whose epoch has ended sits out the
+remaining iterations of that epoch: its samples are masked and its Adam step is skipped.
+``tests/test_gradcon_together.py`` checks the weights, snapshots and histories against the
+notebook's own loop.
+
+The checkpoints are written where, and as, the notebook writes them (same key), so the
+pipeline's notebook runs then find them and only score:
+
+    python -m nbutils.pipeline --profile paper --notebook gradcon --tag faithful corrected
+
+Only the CAE variants (``cae``, ``cae_grad``) are supported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import trange
+
+from nbutils.config import (
+    checkpoint_dir,
+    describe_device,
+    get_device,
+    save_checkpoint,
+    seed_everything,
+)
+from nbutils.data import dataset_info, load_one_class
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "gradcon.ipynb"
+DECODER_CONVS = (0, 2, 4, 6)
+
+
+def notebook_model_class(variant: str = "cae_grad", in_channels: int = 1) -> type[nn.Module]:
+    """The notebook's ``GradConCAE``, from its cell tagged ``model`` (the code the reader sees)."""
+    if variant not in ("cae", "cae_grad"):
+        raise ValueError(f"only the CAE variants train together, not {variant!r}")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    namespace = {"variant": variant, "in_channels": in_channels, "dev": torch.device("cpu"),
+                 "nn": nn, "torch": torch}
+    for cell in nb.cells:
+        if cell.cell_type == "code" and "model" in cell.metadata.get("tags", []):
+            exec(compile(cell.source, str(NOTEBOOK), "exec"), namespace)
+    return namespace["GradConCAE"]
+
+
+def grouped(layers_of_each: list[nn.Sequential]) -> nn.Sequential:
+    """One Sequential whose convolutions hold the G given Sequentials side by side (groups=G)."""
+    g = len(layers_of_each)
+    out = []
+    for layers in zip(*layers_of_each, strict=True):
+        first = layers[0]
+        if isinstance(first, (nn.Conv2d, nn.ConvTranspose2d)):
+            assert first.groups == 1 and first.dilation == (1, 1)
+            kind = type(first)
+            extra = {"output_padding": first.output_padding} if kind is nn.ConvTranspose2d else {}
+            new = kind(g * first.in_channels, g * first.out_channels, first.kernel_size,
+                       stride=first.stride, padding=first.padding, groups=g, **extra)
+            with torch.no_grad():  # both weight layouts put the groups along dim 0
+                new.weight.copy_(torch.cat([m.weight for m in layers]))
+                new.bias.copy_(torch.cat([m.bias for m in layers]))
+            out.append(new)
+        else:
+            out.append(copy.deepcopy(first))
+    return nn.Sequential(*out)
+
+
+class GroupedCAE(nn.Module):
+    """G GradCon CAEs in one module; input and output are (batch, G * channels, H, W)."""
+
+    def __init__(self, models: list[nn.Module]):
+        super().__init__()
+        self.groups = len(models)
+        self.down = grouped([m.down for m in models])
+        self.up = grouped([m.up for m in models])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.up(self.down(x))
+
+    def state_of(self, g: int, template: nn.Module) -> dict[str, Tensor]:
+        """Model g's weights as a state dict of the single model ``template``."""
+        shapes = {k: v.shape for k, v in template.state_dict().items()}
+        return {k: p.detach().view(self.groups, -1)[g].reshape(shapes[k]).clone()
+                for k, p in self.named_parameters()}
+
+
+class FlatMaskedAdam:
+    """Adam (as ``torch.optim.Adam``, no weight decay) with one step count per group; groups
+    whose ``active`` flag is off are left untouched. The state lives in (G, P) matrices so
+    that a step is a handful of kernels, not a dozen per parameter tensor."""
+
+    def __init__(self, params: list[Tensor], groups: int, lr: float,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.params, self.groups, self.lr, self.eps = params, groups, lr, eps
+        self.beta1, self.beta2 = betas
+        self.sizes = [p.numel() // groups for p in params]
+        dev, dtype = params[0].device, params[0].dtype
+        self.m = torch.zeros(groups, sum(self.sizes), device=dev, dtype=dtype)
+        self.v = torch.zeros_like(self.m)
+        self.steps = torch.zeros(groups, 1, device=dev, dtype=dtype)
+
+    @torch.no_grad()
+    def step(self, active: Tensor) -> None:
+        a = active.view(-1, 1)
+        grad = torch.cat([p.grad.view(self.groups, -1) for p in self.params], dim=1)
+        self.steps += a
+        self.m.copy_(torch.where(a, self.m.lerp(grad, 1 - self.beta1), self.m))
+        self.v.copy_(torch.where(a, self.v * self.beta2 + (1 - self.beta2) * grad * grad, self.v))
+        t = self.steps.clamp_min(1)
+        step_size = self.lr / (1 - self.beta1 ** t)
+        denom = self.v.sqrt() / (1 - self.beta2 ** t).sqrt() + self.eps
+        update = torch.where(a, step_size * self.m / denom, 0.0)
+        for p, u in zip(self.params, update.split(self.sizes, dim=1), strict=True):
+            p.view(self.groups, -1).sub_(u)
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+def _padded(xs: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """(G, n_max, ...) zero-padded stack and the (G,) sizes."""
+    n = torch.tensor([len(x) for x in xs])
+    out = xs[0].new_zeros((len(xs), int(n.max()), *xs[0].shape[1:]))
+    for g, x in enumerate(xs):
+        out[g, :len(x)] = x
+    return out, n.to(xs[0].device)
+
+
+def _cos_rows(a: Tensor, b: Tensor) -> Tensor:  # row-wise, as F.cosine_similarity on (1, -1)
+    return F.cosine_similarity(a, b, dim=1)
+
+
+def train_together(models: list[nn.Module], trains: list[Tensor], vals: list[Tensor],
+                   seeds: list[int], *, epochs: int, batch_size: int = 64, lr: float = 1e-3,
+                   alpha: float = 0.03, use_grad_loss: bool = True, progress: bool = True,
+                   budget_seconds: float | None = None) -> tuple[list[dict], list[list[dict]]]:
+    """Train the G models together; returns each one's snapshots and per-epoch history,
+    in the format of the notebook's ``train_gradcon``. With ``budget_seconds``, stop early
+    (``TimeoutError``) when the first epochs project a longer run."""
+    G, dev, dtype = len(models), trains[0].device, trains[0].dtype
+    net = GroupedCAE(models).to(dev, dtype)
+    template = models[0]
+    weights = [net.up[i].weight for i in DECODER_CONVS]
+    opt = FlatMaskedAdam(list(net.parameters()), G, lr)
+    ref_sum = [torch.zeros(G, w.numel() // G, device=dev, dtype=dtype) for w in weights]
+    ref_count = torch.zeros(G, device=dev, dtype=dtype)
+    X, n_train = _padded(trains)
+    V, n_val = _padded(vals)
+    chw = X.shape[2:]
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    iters = math.ceil(int(n_train.max()) / batch_size)
+    v_iters = math.ceil(int(n_val.max()) / batch_size)
+    rows = torch.arange(G, device=dev)[:, None]
+
+    def ref_avg() -> list[Tensor]:
+        return [s / ref_count.clamp_min(1)[:, None] for s in ref_sum]
+
+    def recon(xb: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-model batch MSE (G,) over the unmasked images, and their number (G,)."""
+        out = net(xb.transpose(0, 1).reshape(xb.shape[1], -1, *chw[1:]))
+        out = out.view(xb.shape[1], G, *chw).transpose(0, 1)
+        per_image = (out - xb).pow(2).flatten(2).mean(2)
+        count = mask.sum(1)
+        return (per_image * mask).sum(1) / count.clamp_min(1), count
+
+    def grad_loss(rec: Tensor, create_graph: bool) -> Tensor:
+        grads = torch.autograd.grad(rec.sum(), weights, create_graph=create_graph, retain_graph=True)
+        avg = ref_avg()
+        return -torch.stack([_cos_rows(g.view(G, -1), r) for g, r in zip(grads, avg, strict=True)]).mean(0)
+
+    snaps: list[dict] = [{} for _ in range(G)]
+    histories: list[list[dict]] = [[] for _ in range(G)]
+    best_val = np.full(G, np.inf)
+    best_rec = np.full(G, np.inf)
+
+    def snapshot(g: int, epoch: int) -> dict:
+        return {"epoch": epoch, "state": net.state_of(g, template),
+                "ref": [a[g].reshape(w.shape[0] // G, *w.shape[1:]).clone()
+                        for a, w in zip(ref_avg(), weights, strict=True)]}
+
+    bar = trange(epochs, desc=f"train {G} models together", unit="epoch", disable=not progress,
+                 mininterval=10)
+    start = time.perf_counter()
+    for epoch in bar:
+        if budget_seconds and epoch == 3:  # epoch 1 pays for start-up; 2 and 3 show the pace
+            projected = (time.perf_counter() - start) / 3 * epochs
+            if projected > budget_seconds:
+                raise TimeoutError(f"{epochs} epochs would take about {projected:.0f} s, "
+                                   f"over the budget of {budget_seconds:.0f} s")
+        order = torch.full((G, iters * batch_size), -1, dtype=torch.long)
+        for g, gen in enumerate(gens):
+            order[g, :len(trains[g])] = torch.randperm(len(trains[g]), generator=gen)
+        order = order.to(dev)
+        sums = torch.zeros(G, 3, device=dev, dtype=dtype)
+        epoch_grad = [torch.zeros_like(s) for s in ref_sum]
+        for it in range(iters):
+            idx = order[:, it * batch_size:(it + 1) * batch_size]
+            mask = idx >= 0
+            active = mask.any(1)
+            xb = X[rows, idx.clamp_min(0)]
+            opt.zero_grad()
+            rec, count = recon(xb, mask)
+            if use_grad_loss:
+                gl = grad_loss(rec, create_graph=True) * (active & (ref_count > 0))
+            else:
+                gl = torch.zeros(G, device=dev, dtype=dtype)
+            loss = rec + alpha * gl
+            loss.sum().backward()
+            with torch.no_grad():
+                for s, e, w in zip(ref_sum, epoch_grad, weights, strict=True):
+                    gw = w.grad.view(G, -1) * active[:, None]
+                    s += gw
+                    e += gw
+                ref_count += active
+                sums += torch.stack([loss, rec, gl], 1).detach() * count[:, None]
+            opt.step(active)
+        vsums = torch.zeros(G, 3, device=dev, dtype=dtype)
+        for it in range(v_iters):
+            pos = torch.arange(it * batch_size, min((it + 1) * batch_size, V.shape[1]), device=dev)
+            mask = pos[None, :] < n_val[:, None]
+            rec, count = recon(V[:, pos], mask)
+            gl = grad_loss(rec, create_graph=False)
+            vsums += torch.stack([rec + alpha * gl, rec, gl], 1).detach() * count[:, None]
+        avg = ref_avg()
+        ref_cos = torch.stack([_cos_rows(e, a) for e, a in zip(epoch_grad, avg, strict=True)]).mean(0)
+        train = (sums / n_train[:, None]).cpu().numpy()
+        val = (vsums / n_val[:, None]).cpu().numpy()
+        ref_cos = ref_cos.cpu().numpy()
+        for g in range(G):
+            histories[g].append({k: float(v) for k, v in {
+                "epoch": epoch + 1, "train_loss": train[g, 0], "train_recon": train[g, 1],
+                "train_grad_loss": train[g, 2], "val_loss": val[g, 0], "val_recon": val[g, 1],
+                "val_grad_loss": val[g, 2], "ref_cos_epoch_grad": ref_cos[g]}.items()})
+            is_best = val[g, 0] < best_val[g]  # the official rule, as in the notebook
+            best_val[g] = min(best_val[g], val[g, 0])
+            if is_best and (epoch % 5 == 0 or epoch == epochs - 1):
+                snaps[g]["faithful"] = snapshot(g, epoch + 1)
+            if val[g, 1] < best_rec[g]:
+                best_rec[g] = val[g, 1]
+                snaps[g]["corrected"] = snapshot(g, epoch + 1)
+        bar.set_postfix(val_rec=f"{val[:, 1].mean():.4f}")
+    for g in range(G):
+        snaps[g]["last"] = snapshot(g, epochs)
+    return snaps, histories
+
+
+def checkpoint_path(train_params: dict) -> Path:
+    """Where the notebook looks for this training run (its key is the same hash)."""
+    key = hashlib.sha1(json.dumps(train_params, sort_keys=True).encode()).hexdigest()[:10]
+    p = train_params
+    return (checkpoint_dir() / "gradcon" /
+            f"{p['dataset']}_class{p['normal_class']}_{p['variant']}_seed{p['seed']}_{key}.pt")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dataset", default="mnist")
+    ap.add_argument("--classes", nargs="+", default=["all"], help="class indices or 'all'")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0])
+    ap.add_argument("--protocol", default="gradcon50")
+    ap.add_argument("--variant", default="cae_grad", choices=["cae", "cae_grad"])
+    ap.add_argument("--epochs", type=int, default=1000)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--alpha", type=float, default=0.03)
+    ap.add_argument("--max-train", type=int, default=0)
+    ap.add_argument("--max-test", type=int, default=0)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--data-root", default="")
+    ap.add_argument("--summary", default="", help="write a JSON summary (timings) here")
+    ap.add_argument("--force", action="store_true", help="retrain even if checkpoints exist")
+    ap.add_argument("--budget-seconds", type=float, default=0,
+                    help="give up after 3 epochs if the whole run would take longer")
+    args = ap.parse_args(argv)
+
+    dev = get_device(args.device)
+    torch.backends.cudnn.allow_tf32 = False  # as the notebook: full float32 convolutions
+    torch.backends.cudnn.benchmark = True
+    n_classes = len(dataset_info(args.dataset).class_names)
+    classes = (list(range(n_classes)) if args.classes == ["all"]
+               else [int(c) if c.isdigit() else c for c in args.classes])
+    in_channels = 3 if args.dataset == "cifar10" else 1
+    model_class = notebook_model_class(args.variant, in_channels)
+    models, trains, vals, seeds, params, paths = [], [], [], [], [], []
+    for seed in args.seeds:
+        for c in classes:
+            split = load_one_class(args.dataset, c, protocol=args.protocol, seed=seed,
+                                   data_root=args.data_root or None, image_size=28,
+                                   channels=in_channels, max_train=args.max_train or None,
+                                   max_test=args.max_test or None)
+            p = {"dataset": args.dataset, "normal_class": split.normal_class,
+                 "protocol": args.protocol, "seed": seed, "variant": args.variant,
+                 "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+                 "alpha": args.alpha, "max_train": args.max_train, "max_test": args.max_test,
+                 "n_train": len(split.train)}
+            path = checkpoint_path(p)
+            if path.exists() and not args.force:
+                print(f"exists, skipped: {path}")
+                continue
+            seed_everything(seed)  # the notebook's first draw after seeding is the model
+            models.append(model_class(in_channels))
+            trains.append(torch.from_numpy(split.train).to(dev))
+            vals.append(torch.from_numpy(split.val).to(dev))
+            seeds.append(seed)
+            params.append(p)
+            paths.append(path)
+    if not models:
+        print("nothing to train")
+        return 0
+    print(f"{describe_device(dev)}: training {len(models)} models together, {args.epochs} epochs")
+    start = time.perf_counter()
+    try:
+        snaps, histories = train_together(
+            models, trains, vals, seeds, epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, alpha=args.alpha, use_grad_loss=args.variant.endswith("_grad"),
+            budget_seconds=args.budget_seconds or None)
+    except TimeoutError as err:
+        print(f"stopped, nothing saved: {err}")
+        return 3
+    seconds = time.perf_counter() - start
+    trainer = {"name": "benchmarks/gradcon_together.py", "models_together": len(models),
+               "wall_seconds_all_models": seconds, "device": describe_device(dev)}
+    for p, path, s, h in zip(params, paths, snaps, histories, strict=True):
+        s = {k: {**v, "state": {n: t.cpu() for n, t in v["state"].items()},
+                 "ref": [t.cpu() for t in v["ref"]]} for k, v in s.items()}
+        save_checkpoint({"params": p, "snapshots": s, "history": h, "train_seconds": seconds,
+                         "trainer": trainer}, path)
+        print(f"saved {path}")
+    iterations = args.epochs * sum(math.ceil(len(t) / args.batch_size) for t in trains)
+    summary = {**trainer, "epochs": args.epochs, "classes": classes, "seeds": args.seeds,
+               "model_iterations": iterations, "seconds_per_epoch": seconds / args.epochs}
+    print(json.dumps(summary, indent=1))
+    if args.summary:
+        Path(args.summary).write_text(json.dumps(summary, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

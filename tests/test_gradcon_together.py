@@ -1,0 +1,137 @@
+"""benchmarks/gradcon_together.py trains G models at once; each must be the notebook's run.
+
+The reference is the notebook's own ``train_gradcon`` (cells tagged ``model``, ``loss`` and
+``train`` of notebooks/gradcon.ipynb), run once per model. Classes of different sizes make the
+groups' epochs end at different iterations, which the grouped trainer must handle exactly.
+"""
+
+import importlib.util
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK = ROOT / "notebooks" / "gradcon.ipynb"
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("gradcon_together", ROOT / "benchmarks" / "gradcon_together.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _notebook(seed: int, epochs: int) -> dict:
+    from tqdm.auto import trange
+
+    ns = {"variant": "cae_grad", "in_channels": 1, "dev": torch.device("cpu"), "seed": seed,
+          "epochs": epochs, "batch_size": 64, "lr": 1e-3, "alpha": 0.03, "trange": trange}
+    exec("import copy\nimport numpy as np\nimport torch\nimport torch.nn.functional as F\n"
+         "from torch import nn", ns)
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    for tag in ("model", "loss", "train"):
+        cells = [c.source for c in nb.cells if c.cell_type == "code" and tag in c.metadata.get("tags", [])]
+        assert cells, f"no cell tagged {tag!r}"
+        for source in cells:
+            exec(compile(source, str(NOTEBOOK), "exec"), ns)
+    return ns
+
+
+@pytest.fixture(scope="module")
+def runs():
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    # sizes chosen so that the groups' epochs have 3 and 2 iterations, both with a short last batch
+    # float64, so that rounding (which Adam amplifies on tiny gradients) cannot hide a logic error
+    data = [(torch.rand(150, 1, 28, 28, generator=gen, dtype=torch.float64),
+             torch.rand(70, 1, 28, 28, generator=gen, dtype=torch.float64)),
+            (torch.rand(100, 1, 28, 28, generator=gen, dtype=torch.float64),
+             torch.rand(40, 1, 28, 28, generator=gen, dtype=torch.float64))]
+    seeds, epochs = [3, 5], 6
+    script = _load_script()
+    models, reference = [], []
+    for (train, val), seed in zip(data, seeds, strict=True):
+        ns = _notebook(seed, epochs)
+        torch.manual_seed(seed)
+        models.append(ns["GradConCAE"](1).double())
+        torch.manual_seed(seed)
+        model = ns["GradConCAE"](1).double()
+        reference.append(ns["train_gradcon"](model, train, val))
+    snaps, histories = script.train_together(models, [d[0] for d in data], [d[1] for d in data],
+                                             seeds, epochs=epochs, progress=False)
+    return reference, snaps, histories
+
+
+def test_histories_equal_the_notebook_loop(runs):
+    reference, _, histories = runs
+    for (_, ref_history), history in zip(reference, histories, strict=True):
+        assert len(history) == len(ref_history)
+        for ours, theirs in zip(history, ref_history, strict=True):
+            assert ours.keys() == theirs.keys()
+            for k in ours:
+                assert ours[k] == pytest.approx(theirs[k], rel=1e-8, abs=1e-10), (k, ours, theirs)
+
+
+def test_snapshots_equal_the_notebook_loop(runs):
+    reference, snaps, _ = runs
+    for (ref_snaps, _), ours in zip(reference, snaps, strict=True):
+        assert ours.keys() == ref_snaps.keys() == {"faithful", "corrected", "last"}
+        for name in ours:
+            assert ours[name]["epoch"] == ref_snaps[name]["epoch"]
+            for k, v in ref_snaps[name]["state"].items():
+                assert torch.allclose(ours[name]["state"][k], v, atol=1e-10, rtol=1e-7), (name, k)
+            for a, b in zip(ours[name]["ref"], ref_snaps[name]["ref"], strict=True):
+                assert a.shape == b.shape
+                assert torch.allclose(a, b, atol=1e-12, rtol=1e-7), name
+
+
+def test_models_actually_trained_and_differ(runs):
+    _, snaps, histories = runs
+    for h in histories:
+        assert h[-1]["train_recon"] < h[0]["train_recon"]
+    a, b = (s["last"]["state"]["up.6.weight"] for s in snaps)
+    assert not torch.allclose(a, b)
+
+
+def test_masked_adam_equals_torch_adam_and_skips_inactive_groups():
+    script = _load_script()
+    gen = torch.Generator().manual_seed(0)
+    p_ours = torch.randn(2 * 3, 4, generator=gen)
+    p_torch = p_ours[:3].clone().requires_grad_(True)
+    p_ours.requires_grad_(True)
+    opt = script.FlatMaskedAdam([p_ours], groups=2, lr=1e-2)
+    ref_opt = torch.optim.Adam([p_torch], lr=1e-2)
+    frozen = p_ours[3:].detach().clone()
+    for _ in range(5):
+        g = torch.randn(3, 4, generator=gen)
+        p_ours.grad = torch.cat([g, torch.randn(3, 4, generator=gen)])
+        p_torch.grad = g.clone()
+        opt.step(torch.tensor([True, False]))
+        ref_opt.step()
+    assert torch.allclose(p_ours[:3], p_torch, atol=1e-6)
+    assert torch.equal(p_ours[3:].detach(), frozen)  # the inactive group never moved
+    assert np.allclose(opt.steps.squeeze(1).numpy(), [5, 0])
+
+
+def test_the_notebook_finds_the_checkpoint_and_only_scores(tmp_path, monkeypatch):
+    import json
+
+    import papermill as pm
+
+    monkeypatch.setenv("CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    common = {"dataset": "digits", "epochs": 1, "max_train": 60, "max_test": 40}
+    assert _load_script().main(["--dataset", "digits", "--classes", "3", "--seeds", "0",
+                                "--epochs", "1", "--max-train", "60", "--max-test", "40",
+                                "--device", "cpu"]) == 0
+    assert len(list((tmp_path / "ckpt" / "gradcon").glob("*.pt"))) == 1
+    record = tmp_path / "record.json"
+    pm.execute_notebook(str(NOTEBOOK), str(tmp_path / "out.ipynb"), kernel_name="python3",
+                        progress_bar=False, cwd=str(ROOT),
+                        parameters={**common, "normal_class": 3, "seed": 0, "device": "cpu",
+                                    "n_boot": 10, "record_path": str(record)})
+    rec = json.loads(record.read_text())
+    assert rec["extra"]["trainer"]["name"] == "benchmarks/gradcon_together.py"
+    assert rec["timings"]["train"] == 0.0  # training skipped: the notebook only scored
