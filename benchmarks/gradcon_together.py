@@ -158,18 +158,17 @@ def _cos_rows(a: Tensor, b: Tensor) -> Tensor:  # row-wise, as F.cosine_similari
     return F.cosine_similarity(a, b, dim=1)
 
 
-def train_together(models: list[nn.Module], trains: list[Tensor], vals: list[Tensor],
-                   seeds: list[int], *, epochs: int, batch_size: int = 64, lr: float = 1e-3,
-                   alpha: float = 0.03, use_grad_loss: bool = True, progress: bool = True,
-                   budget_seconds: float | None = None, cuda_graphs: bool = True,
-                   ) -> tuple[list[dict], list[list[dict]]]:
-    """Train the G models together; returns each one's snapshots and per-epoch history,
-    in the format of the notebook's ``train_gradcon``.
+def _train_epochs(models: list[nn.Module], trains: list[Tensor], vals: list[Tensor],
+                  seeds: list[int], *, epochs: int, batch_size: int, lr: float, alpha: float,
+                  use_grad_loss: bool, cuda_graphs: bool, stream: torch.cuda.Stream | None):
+    """A generator: trains the G models (grouped convolutions), one epoch per ``next``.
 
-    On a GPU the first epoch runs eagerly (it also warms up cuDNN), then one training
+    Each ``next`` first finishes the previous epoch (reads its losses back, keeps snapshots)
+    and then queues the next epoch's work without waiting for it, so that a driver can queue
+    the epochs of several such generators, on several CUDA streams, before any of them waits.
+    On a GPU the first epoch runs eagerly (it also warms cuDNN up), then one training
     iteration and each validation batch are captured as CUDA graphs and replayed: the same
-    kernels without Python's launch overhead. With ``budget_seconds``, stop early
-    (``TimeoutError``) when the pace of epochs 3 and 4 projects a longer run.
+    kernels without Python's launch overhead. Returns (snapshots, histories).
     """
     G, dev, dtype = len(models), trains[0].device, trains[0].dtype
     use_graphs = cuda_graphs and dev.type == "cuda"
@@ -243,7 +242,7 @@ def train_together(models: list[nn.Module], trains: list[Tensor], vals: list[Ten
         """Replay ``graph`` if captured; else capture (from the second epoch) or run eagerly."""
         if graph is None and use_graphs and epoch > 0:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(dev)):
                 step()
         if graph is not None:
             graph.replay()
@@ -261,11 +260,80 @@ def train_together(models: list[nn.Module], trains: list[Tensor], vals: list[Ten
                 "ref": [a[g].reshape(w.shape[0] // G, *w.shape[1:]).clone()
                         for a, w in zip(ref_avg(), weights, strict=True)]}
 
-    side = torch.cuda.Stream(dev) if use_graphs else None
-    bar = trange(epochs, desc=f"train {G} models together", unit="epoch", disable=not progress,
-                 mininterval=10)
+    stream = stream if stream is not None else (torch.cuda.Stream(dev) if use_graphs else None)
+    if stream is not None:  # the data and weights were made on the default stream
+        stream.wait_stream(torch.cuda.current_stream(dev))
+
+    def on_stream():
+        return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+
+    for epoch in range(epochs):
+        with on_stream():
+            order = torch.full((G, iters * batch_size), -1, dtype=torch.long)
+            for g, gen in enumerate(gens):
+                order[g, :len(trains[g])] = torch.randperm(len(trains[g]), generator=gen)
+            order = order.to(dev)
+            sums.zero_()
+            vsums.zero_()
+            for e in epoch_grad:
+                e.zero_()
+            for it in range(iters):
+                idx_buf.copy_(order[:, it * batch_size:(it + 1) * batch_size])
+                train_graph = run(train_step, train_graph)
+            for j in range(v_iters):
+                val_graphs[j] = run(lambda j=j: val_step(j), val_graphs[j])
+        yield
+        with on_stream():
+            avg = ref_avg()
+            ref_cos = torch.stack([_cos_rows(e, a) for e, a in zip(epoch_grad, avg, strict=True)]).mean(0)
+            train = (sums / n_train[:, None]).cpu().numpy()
+            val = (vsums / n_val[:, None]).cpu().numpy()
+            ref_cos = ref_cos.cpu().numpy()
+            for g in range(G):
+                histories[g].append({k: float(v) for k, v in {
+                    "epoch": epoch + 1, "train_loss": train[g, 0], "train_recon": train[g, 1],
+                    "train_grad_loss": train[g, 2], "val_loss": val[g, 0], "val_recon": val[g, 1],
+                    "val_grad_loss": val[g, 2], "ref_cos_epoch_grad": ref_cos[g]}.items()})
+                is_best = val[g, 0] < best_val[g]  # the official rule, as in the notebook
+                best_val[g] = min(best_val[g], val[g, 0])
+                if is_best and (epoch % 5 == 0 or epoch == epochs - 1):
+                    snaps[g]["faithful"] = snapshot(g, epoch + 1)
+                if val[g, 1] < best_rec[g]:
+                    best_rec[g] = val[g, 1]
+                    snaps[g]["corrected"] = snapshot(g, epoch + 1)
+    with on_stream():
+        for g in range(G):
+            snaps[g]["last"] = snapshot(g, epochs)
+    if stream is not None:
+        stream.synchronize()  # the snapshots are read on other streams afterwards
+    return snaps, histories
+
+
+def train_together(models: list[nn.Module], trains: list[Tensor], vals: list[Tensor],
+                   seeds: list[int], *, epochs: int, batch_size: int = 64, lr: float = 1e-3,
+                   alpha: float = 0.03, use_grad_loss: bool = True, progress: bool = True,
+                   budget_seconds: float | None = None, cuda_graphs: bool = True,
+                   grouped: bool | None = None) -> tuple[list[dict], list[list[dict]]]:
+    """Train the models together; returns each one's snapshots and per-epoch history, in
+    the format of the notebook's ``train_gradcon``.
+
+    ``grouped`` (default: on the CPU) stacks all models as grouped convolutions. Otherwise
+    (default on a GPU) each model gets its own CUDA stream and graphs, and the streams run
+    side by side: cuDNN's grouped convolutions measured slower on the H200 than separate
+    small ones running concurrently. With ``budget_seconds``, stop early (``TimeoutError``)
+    when the pace of epochs 3 and 4 projects a longer run.
+    """
+    dev = trains[0].device
+    grouped = dev.type != "cuda" if grouped is None else grouped
+    parts = [list(range(len(models)))] if grouped else [[i] for i in range(len(models))]
+    runs = [_train_epochs([models[i] for i in p], [trains[i] for i in p], [vals[i] for i in p],
+                          [seeds[i] for i in p], epochs=epochs, batch_size=batch_size, lr=lr,
+                          alpha=alpha, use_grad_loss=use_grad_loss, cuda_graphs=cuda_graphs,
+                          stream=torch.cuda.Stream(dev) if dev.type == "cuda" else None)
+            for p in parts]
+    desc = f"train {len(models)} models " + ("grouped" if grouped else "side by side")
     start = time.perf_counter()
-    for epoch in bar:
+    for epoch in trange(epochs, desc=desc, unit="epoch", disable=not progress, mininterval=10):
         if epoch == 2:
             pace_start = time.perf_counter()
         if budget_seconds and epoch == 4:
@@ -273,44 +341,18 @@ def train_together(models: list[nn.Module], trains: list[Tensor], vals: list[Ten
             if projected > budget_seconds:
                 raise TimeoutError(f"{epochs} epochs would take about {projected:.0f} s, "
                                    f"over the budget of {budget_seconds:.0f} s")
-        order = torch.full((G, iters * batch_size), -1, dtype=torch.long)
-        for g, gen in enumerate(gens):
-            order[g, :len(trains[g])] = torch.randperm(len(trains[g]), generator=gen)
-        order = order.to(dev)
-        sums.zero_()
-        vsums.zero_()
-        for e in epoch_grad:
-            e.zero_()
-        if side is not None and epoch == 0:  # warm-up before capture, on a side stream
-            side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side) if side is not None and epoch == 0 else contextlib.nullcontext():
-            for it in range(iters):
-                idx_buf.copy_(order[:, it * batch_size:(it + 1) * batch_size])
-                train_graph = run(train_step, train_graph)
-            for j in range(v_iters):
-                val_graphs[j] = run(lambda j=j: val_step(j), val_graphs[j])
-        if side is not None and epoch == 0:
-            torch.cuda.current_stream(dev).wait_stream(side)
-        avg = ref_avg()
-        ref_cos = torch.stack([_cos_rows(e, a) for e, a in zip(epoch_grad, avg, strict=True)]).mean(0)
-        train = (sums / n_train[:, None]).cpu().numpy()
-        val = (vsums / n_val[:, None]).cpu().numpy()
-        ref_cos = ref_cos.cpu().numpy()
-        for g in range(G):
-            histories[g].append({k: float(v) for k, v in {
-                "epoch": epoch + 1, "train_loss": train[g, 0], "train_recon": train[g, 1],
-                "train_grad_loss": train[g, 2], "val_loss": val[g, 0], "val_recon": val[g, 1],
-                "val_grad_loss": val[g, 2], "ref_cos_epoch_grad": ref_cos[g]}.items()})
-            is_best = val[g, 0] < best_val[g]  # the official rule, as in the notebook
-            best_val[g] = min(best_val[g], val[g, 0])
-            if is_best and (epoch % 5 == 0 or epoch == epochs - 1):
-                snaps[g]["faithful"] = snapshot(g, epoch + 1)
-            if val[g, 1] < best_rec[g]:
-                best_rec[g] = val[g, 1]
-                snaps[g]["corrected"] = snapshot(g, epoch + 1)
-        bar.set_postfix(val_rec=f"{val[:, 1].mean():.4f}")
-    for g in range(G):
-        snaps[g]["last"] = snapshot(g, epochs)
+        for run in runs:
+            next(run)
+    snaps: list[dict] = []
+    histories: list[list[dict]] = []
+    for run in runs:
+        try:
+            next(run)
+        except StopIteration as done:
+            snaps += done.value[0]
+            histories += done.value[1]
+        else:
+            raise RuntimeError("a training generator ran past its epochs")
     return snaps, histories
 
 
@@ -343,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-seconds", type=float, default=0,
                     help="give up after 4 epochs if the whole run would take longer")
     ap.add_argument("--no-cuda-graphs", action="store_true", help="launch every kernel from Python")
+    ap.add_argument("--grouped", action="store_true",
+                    help="on a GPU too, stack the models as grouped convolutions (one stream)")
     args = ap.parse_args(argv)
 
     dev = get_device(args.device)
@@ -385,13 +429,16 @@ def main(argv: list[str] | None = None) -> int:
         snaps, histories = train_together(
             models, trains, vals, seeds, epochs=args.epochs, batch_size=args.batch_size,
             lr=args.lr, alpha=args.alpha, use_grad_loss=args.variant.endswith("_grad"),
-            budget_seconds=args.budget_seconds or None, cuda_graphs=not args.no_cuda_graphs)
+            budget_seconds=args.budget_seconds or None, cuda_graphs=not args.no_cuda_graphs,
+            grouped=True if args.grouped else None)
     except TimeoutError as err:
         print(f"stopped, nothing saved: {err}")
         return 3
     seconds = time.perf_counter() - start
     trainer = {"name": "benchmarks/gradcon_together.py", "models_together": len(models),
                "cuda_graphs": dev.type == "cuda" and not args.no_cuda_graphs,
+               "layout": ("grouped convolutions" if args.grouped or dev.type != "cuda"
+                          else "one CUDA stream per model"),
                "wall_seconds_all_models": seconds, "device": describe_device(dev)}
     for p, path, s, h in zip(params, paths, snaps, histories, strict=True):
         s = {k: {**v, "state": {n: t.cpu() for n, t in v["state"].items()},

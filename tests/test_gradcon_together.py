@@ -135,3 +135,27 @@ def test_the_notebook_finds_the_checkpoint_and_only_scores(tmp_path, monkeypatch
     rec = json.loads(record.read_text())
     assert rec["extra"]["trainer"]["name"] == "benchmarks/gradcon_together.py"
     assert rec["timings"]["train"] == 0.0  # training skipped: the notebook only scored
+
+
+def test_side_by_side_runs_equal_the_grouped_run(runs):
+    # the GPU default: one generator (stream) per model, their epochs interleaved
+    reference, snaps, histories = runs
+    gen = torch.Generator().manual_seed(0)
+    data = [(torch.rand(150, 1, 28, 28, generator=gen, dtype=torch.float64),
+             torch.rand(70, 1, 28, 28, generator=gen, dtype=torch.float64)),
+            (torch.rand(100, 1, 28, 28, generator=gen, dtype=torch.float64),
+             torch.rand(40, 1, 28, 28, generator=gen, dtype=torch.float64))]
+    script = _load_script()
+    ns = _notebook(0, 1)
+    models = []
+    for seed in (3, 5):
+        torch.manual_seed(seed)
+        models.append(ns["GradConCAE"](1).double())
+    snaps2, histories2 = script.train_together(models, [d[0] for d in data], [d[1] for d in data],
+                                               [3, 5], epochs=6, progress=False, grouped=False)
+    for h, h2 in zip(histories, histories2, strict=True):
+        for a, b in zip(h, h2, strict=True):
+            assert a == pytest.approx(b, rel=1e-8, abs=1e-10)
+    for s, s2 in zip(snaps, snaps2, strict=True):
+        assert torch.allclose(s["last"]["state"]["up.0.weight"], s2["last"]["state"]["up.0.weight"],
+                              atol=1e-10)
