@@ -38,10 +38,13 @@ def git_commit(root: Path = PROJECT_ROOT) -> str:
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True,
                               timeout=10).stdout.strip()
+    if os.environ.get("NBUTILS_GIT_COMMIT"):
+        # a copy of the tree whose .git is missing or stale (the GPU machine's copy carries
+        # the session's first commit): whoever made the copy names its commit, and code_sha
+        # still tells whether the code that ran is that commit's
+        return os.environ["NBUTILS_GIT_COMMIT"]
     if not (root / ".git").exists():
-        # a copy of the tree without its history (e.g. the GPU machine): whoever made the copy
-        # names its commit; code_sha still tells whether the code that ran is that commit's
-        return os.environ.get("NBUTILS_GIT_COMMIT", "unknown")
+        return "unknown"
     try:
         commit = git("rev-parse", "--short=12", "HEAD")
         dirty = git("status", "--porcelain", "--", *_code_paths())
