@@ -295,7 +295,6 @@ def main(argv=None) -> int:
 
     # Training: both loops from the same initial weights, on the same batches (no shuffling).
     init = {k: v.clone() for k, v in model.state_dict().items()}
-    train_x = torch.from_numpy(split.train)
     loader = torch.utils.data.DataLoader(
         _PerImage((split.train * 255).round().astype(np.uint8)), batch_size=64, shuffle=False)
     x_u8 = torch.from_numpy((split.train * 255).round().astype(np.uint8).astype(np.float32) / 255).to(dev)
@@ -321,7 +320,6 @@ def main(argv=None) -> int:
              for k, v in timings.items()}
     train["speedup"] = train["vectorised"]["iters_per_s"] / train["official"]["iters_per_s"]
     train["max_abs_loss_difference"] = float(np.abs(l_off - l_vec).max())
-    del train_x
 
     # Scoring: the model after those iterations; reference = its mean training gradient.
     model.eval()
