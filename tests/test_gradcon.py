@@ -173,3 +173,55 @@ def test_notebook_contract(name):
         expected = {"protocol": "gradcon50", "variant": "cae_grad", "recipe": "faithful",
                     "epochs": 1000, "batch_size": 64, "lr": 1e-3, "alpha": 0.03, "beta": 0.12}
         assert {k: namespace[k] for k in expected} == expected
+
+
+def _interrupting_trange(after: int):
+    """A ``trange`` that raises KeyboardInterrupt once ``after`` epochs have finished."""
+    from tqdm.auto import trange
+
+    class Interrupting:
+        def __init__(self, *args, **kwargs):
+            self.bar = trange(*args, **kwargs)
+
+        def set_postfix(self, **kwargs):
+            self.bar.set_postfix(**kwargs)
+
+        def __iter__(self):
+            for i, epoch in enumerate(self.bar):
+                if i == after:
+                    raise KeyboardInterrupt
+                yield epoch
+    return Interrupting
+
+
+@pytest.mark.parametrize("variant", ["cae_grad", "vae_grad"])
+def test_interrupted_training_resumes_exactly(gradcon_cells, tmp_path, variant):
+    """A run interrupted after epoch 3 and resumed from its saved state equals the
+    uninterrupted run: history, snapshots (weights and references) and the final weights.
+    The VAE samples from torch's global generator, so its state must travel too."""
+    gen = torch.Generator().manual_seed(0)
+    train = torch.rand(100, 1, 28, 28, generator=gen, dtype=torch.float64)
+    val = torch.rand(40, 1, 28, 28, generator=gen, dtype=torch.float64)
+    state = tmp_path / "run.state.pt"
+
+    def run(ns, path):
+        torch.manual_seed(3)
+        return ns["train_gradcon"](ns["make_model"]().double(), train, val, path)
+
+    whole = run(gradcon_cells(3, 5, variant=variant, save_every=1), None)
+    cut = gradcon_cells(3, 5, variant=variant, save_every=1, trange=_interrupting_trange(3))
+    with pytest.raises(KeyboardInterrupt):
+        run(cut, state)
+    assert torch.load(state, weights_only=True)["epoch"] == 3
+    torch.manual_seed(123)  # whatever happened since: the state restores the generators
+    resumed = run(gradcon_cells(3, 5, variant=variant, save_every=1), state)
+
+    assert [h["epoch"] for h in resumed[1]] == [1, 2, 3, 4, 5]
+    assert resumed[1] == whole[1]
+    assert resumed[0].keys() == whole[0].keys()
+    for name, snap in whole[0].items():
+        assert resumed[0][name]["epoch"] == snap["epoch"]
+        for k, v in snap["state"].items():
+            assert torch.equal(resumed[0][name]["state"][k], v), (name, k)
+        for a, b in zip(resumed[0][name]["ref"], snap["ref"], strict=True):
+            assert torch.equal(a, b), name

@@ -8,7 +8,6 @@ groups' epochs end at different iterations, which the grouped trainer must handl
 import importlib.util
 from pathlib import Path
 
-import nbformat
 import numpy as np
 import pytest
 import torch
@@ -22,22 +21,6 @@ def _load_script():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _notebook(seed: int, epochs: int) -> dict:
-    from tqdm.auto import trange
-
-    ns = {"variant": "cae_grad", "in_channels": 1, "dev": torch.device("cpu"), "seed": seed,
-          "epochs": epochs, "batch_size": 64, "lr": 1e-3, "alpha": 0.03, "trange": trange}
-    exec("import copy\nimport numpy as np\nimport torch\nimport torch.nn.functional as F\n"
-         "from torch import nn", ns)
-    nb = nbformat.read(NOTEBOOK, as_version=4)
-    for tag in ("model", "loss", "train"):
-        cells = [c.source for c in nb.cells if c.cell_type == "code" and tag in c.metadata.get("tags", [])]
-        assert cells, f"no cell tagged {tag!r}"
-        for source in cells:
-            exec(compile(source, str(NOTEBOOK), "exec"), ns)
-    return ns
 
 
 SEEDS, EPOCHS = [3, 5], 6
@@ -62,22 +45,22 @@ def _initial_models(ns: dict) -> list:
     return models
 
 
-def _train_together(grouped: bool):
+def _train_together(load_cells, grouped: bool):
     data = _data()
     return _load_script().train_together(
-        _initial_models(_notebook(0, EPOCHS)), [d[0] for d in data], [d[1] for d in data],
+        _initial_models(load_cells(0, EPOCHS)), [d[0] for d in data], [d[1] for d in data],
         SEEDS, epochs=EPOCHS, progress=False, grouped=grouped)
 
 
 @pytest.fixture(scope="module")
-def runs():
+def runs(gradcon_cells):
     torch.set_num_threads(1)
     reference = []
     for (train, val), seed in zip(_data(), SEEDS, strict=True):
-        ns = _notebook(seed, EPOCHS)
+        ns = gradcon_cells(seed, EPOCHS)
         torch.manual_seed(seed)
-        reference.append(ns["train_gradcon"](ns["GradConCAE"](1).double(), train, val))
-    snaps, histories = _train_together(grouped=True)
+        reference.append(ns["train_gradcon"](ns["GradConCAE"](1).double(), train, val)[:2])
+    snaps, histories = _train_together(gradcon_cells, grouped=True)
     return reference, snaps, histories
 
 
@@ -153,10 +136,10 @@ def test_the_notebook_finds_the_checkpoint_and_only_scores(tmp_path, monkeypatch
     assert rec["timings"]["train"] == 0.0  # training skipped: the notebook only scored
 
 
-def test_side_by_side_runs_equal_the_notebook_loop(runs):
+def test_side_by_side_runs_equal_the_notebook_loop(runs, gradcon_cells):
     # the GPU default: one generator (stream) per model, their epochs interleaved
     reference, _, _ = runs
-    snaps, histories = _train_together(grouped=False)
+    snaps, histories = _train_together(gradcon_cells, grouped=False)
     for (ref_snaps, ref_history), s, h in zip(reference, snaps, histories, strict=True):
         for ours, theirs in zip(h, ref_history, strict=True):
             assert ours == pytest.approx(theirs, rel=1e-8, abs=1e-10)
