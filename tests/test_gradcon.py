@@ -225,3 +225,33 @@ def test_interrupted_training_resumes_exactly(gradcon_cells, tmp_path, variant):
             assert torch.equal(resumed[0][name]["state"][k], v), (name, k)
         for a, b in zip(resumed[0][name]["ref"], snap["ref"], strict=True):
             assert torch.equal(a, b), name
+
+
+def test_a_stalled_run_is_restarted_and_the_restart_is_remembered(tmp_path, monkeypatch):
+    """stall_epoch=1 makes every attempt but the last count as stalled: the record must come
+    from the last attempt, name the stalled ones, and a second execution must train nothing."""
+    import papermill as pm
+
+    monkeypatch.setenv("CHECKPOINT_DIR", str(tmp_path / "ckpt"))
+    params = {"dataset": "digits", "normal_class": 3, "epochs": 2, "max_train": 60, "max_test": 40,
+              "device": "cpu", "n_boot": 10, "recipe": "corrected", "restarts": 2,
+              "stall_epoch": 1, "stall_ratio": 0.9}
+    records = []
+    for run in range(2):
+        record = tmp_path / f"record{run}.json"
+        pm.execute_notebook(str(ROOT / "notebooks" / "gradcon.ipynb"), str(tmp_path / "out.ipynb"),
+                            kernel_name="python3", progress_bar=False, cwd=str(ROOT),
+                            parameters={**params, "record_path": str(record)})
+        records.append(json.loads(record.read_text()))
+    first, second = records
+    assert first["extra"]["init_attempt"] == 2
+    assert len(first["extra"]["stalled_attempts"]) == 2
+    assert all(len(curve) == 1 for curve in first["extra"]["stalled_attempts"])
+    assert len(first["extra"]["history"]) == 2  # the kept attempt trained all its epochs
+    assert first["timings"]["train"] > 0
+    ckpts = tmp_path / "ckpt" / "gradcon"
+    assert len(list(ckpts.glob("*.stalled.json"))) == 2 and len(list(ckpts.glob("*.pt"))) == 1
+    assert not list(ckpts.glob("*.state.pt"))
+    assert second["timings"]["train"] == 0.0  # nothing retrained, stalled attempts not re-run
+    assert second["extra"]["stalled_attempts"] == first["extra"]["stalled_attempts"]
+    assert second["metrics"]["auroc"] == first["metrics"]["auroc"]

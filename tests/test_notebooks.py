@@ -44,7 +44,13 @@ def smoke_book(tmp_path_factory):
     shutil.copytree(PROJECT_ROOT / "book", root / "book",
                     ignore=shutil.ignore_patterns("runs", "generated"))
     jobs = pipeline.plan("smoke", root / "book" / "runs")
-    outcomes = pipeline.run(jobs, n_jobs=2)
+    # train from scratch: checkpoints lying in the developer's tree must not stand in
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CHECKPOINT_DIR", str(root / "checkpoints"))
+    try:
+        outcomes = pipeline.run(jobs, n_jobs=2)
+    finally:
+        mp.undo()
     return root, jobs, outcomes
 
 
