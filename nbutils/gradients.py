@@ -78,3 +78,17 @@ def cosine_to_reference(per_sample: Tensor, reference: Tensor, eps: float = 1e-8
     ref = reference.reshape(-1)
     unit_rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(eps)
     return unit_rows @ (ref / ref.norm().clamp_min(eps))
+
+
+def relative_error(computed: Tensor, expected: Tensor) -> float:
+    """``max |computed - expected| / max |expected|``, for checks against a reference result.
+
+    Exactly zero gradients are legitimate (a collapsed autoencoder whose ReLUs are all dead has
+    them), so two all-zero tensors agree (0.0) instead of giving 0/0 = nan, and a non-zero
+    result against an all-zero reference is infinitely wrong.
+    """
+    diff = float((computed - expected).abs().max())
+    scale = float(expected.abs().max())
+    if scale == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / scale

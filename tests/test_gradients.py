@@ -8,6 +8,7 @@ from nbutils.gradients import (
     flatten_gradients,
     loop_gradients,
     per_sample_gradients,
+    relative_error,
 )
 
 
@@ -80,3 +81,11 @@ def test_cosine_to_reference_matches_torch_cosine_similarity(row_scale, ref_scal
     assert torch.allclose(got, expected, atol=1e-6), (got, expected)
     if row_scale == 1e-6:
         assert got.abs().max() > 0.05  # not squashed towards zero
+
+
+def test_relative_error_handles_all_zero_gradients():
+    z, g = torch.zeros(2, 3), torch.tensor([[1.0, -2.0, 0.0], [0.0, 4.0, 0.5]])
+    assert relative_error(z, z) == 0.0  # a dead decoder: both ways give zeros, they agree
+    assert relative_error(g, z) == float("inf")
+    assert relative_error(g, g) == 0.0
+    assert relative_error(g + 0.04, g) == pytest.approx(0.01)
