@@ -83,8 +83,7 @@ def cosine_to_reference(per_sample: Tensor, reference: Tensor, eps: float = 1e-8
 def relative_error(computed: Tensor, expected: Tensor) -> float:
     """``max |computed - expected| / max |expected|``, for checks against a reference result.
 
-    Exactly zero gradients are legitimate (a collapsed autoencoder whose ReLUs are all dead has
-    them), so two all-zero tensors agree (0.0) instead of giving 0/0 = nan, and a non-zero
+    Exactly zero gradients are legitimate (a collapsed autoencoder can have them), so two all-zero tensors agree (0.0) instead of giving 0/0 = nan, and a non-zero
     result against an all-zero reference is infinitely wrong.
     """
     diff = float((computed - expected).abs().max())
