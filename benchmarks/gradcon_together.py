@@ -68,8 +68,8 @@ NOTEBOOK = ROOT / "notebooks" / "gradcon.ipynb"
 DECODER_CONVS = (0, 2, 4, 6)
 
 
-def notebook_model_class(variant: str = "cae_grad", in_channels: int = 1) -> type[nn.Module]:
-    """The notebook's ``GradConCAE``, from its cell tagged ``model`` (the code the reader sees)."""
+def notebook_model_cell(variant: str = "cae_grad", in_channels: int = 1) -> dict:
+    """The namespace of the notebook's cell tagged ``model`` (the code the reader sees)."""
     if variant not in ("cae", "cae_grad"):
         raise ValueError(f"only the CAE variants train together, not {variant!r}")
     nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -78,7 +78,12 @@ def notebook_model_class(variant: str = "cae_grad", in_channels: int = 1) -> typ
     for cell in nb.cells:
         if cell.cell_type == "code" and "model" in cell.metadata.get("tags", []):
             exec(compile(cell.source, str(NOTEBOOK), "exec"), namespace)
-    return namespace["GradConCAE"]
+    return namespace
+
+
+def notebook_model_class(variant: str = "cae_grad", in_channels: int = 1) -> type[nn.Module]:
+    """The notebook's ``GradConCAE``."""
+    return notebook_model_cell(variant, in_channels)["GradConCAE"]
 
 
 def grouped(layers_of_each: list[nn.Sequential]) -> nn.Sequential:
@@ -386,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--alpha", type=float, default=0.03)
+    ap.add_argument("--init", default="official", choices=["official", "mean_output"],
+                    help="the notebook's init parameter (mean_output: output bias at the mean pixel)")
     ap.add_argument("--max-train", type=int, default=0)
     ap.add_argument("--max-test", type=int, default=0)
     ap.add_argument("--device", default="auto")
@@ -406,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     classes = (list(range(n_classes)) if args.classes == ["all"]
                else [int(c) if c.isdigit() else c for c in args.classes])
     in_channels = 3 if args.dataset == "cifar10" else 1
-    model_class = notebook_model_class(args.variant, in_channels)
+    model_cell = notebook_model_cell(args.variant, in_channels)
+    model_class = model_cell["GradConCAE"]
     models, trains, vals, seeds, params, paths = [], [], [], [], [], []
     for seed in args.seeds:
         for c in classes:
@@ -419,12 +427,17 @@ def main(argv: list[str] | None = None) -> int:
                  "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                  "alpha": args.alpha, "max_train": args.max_train, "max_test": args.max_test,
                  "n_train": len(split.train)}
+            if args.init != "official":  # as the notebook's key
+                p["init"] = args.init
             path = checkpoint_path(p)
             if path.exists() and not args.force:
                 print(f"exists, skipped: {path}")
                 continue
             seed_everything(seed)  # the notebook's first draw after seeding is the model
-            models.append(model_class(in_channels))
+            model = model_class(in_channels)
+            if args.init == "mean_output":
+                model_cell["set_output_bias_to_mean"](model, torch.from_numpy(split.train))
+            models.append(model)
             trains.append(torch.from_numpy(split.train).to(dev))
             vals.append(torch.from_numpy(split.val).to(dev))
             seeds.append(seed)

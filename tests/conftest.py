@@ -19,8 +19,9 @@ def mnist_root() -> Path:
 
 @pytest.fixture(scope="session")
 def gradcon_cells():
-    """The GradCon notebook's model, loss and training cells (tagged ``model``, ``loss``,
-    ``train``), executed in a fresh namespace: ``gradcon_cells(seed, epochs, **params)``."""
+    """The GradCon notebook's model, loss, training and first-iterations replay cells (tagged
+    ``model``, ``loss``, ``train``, ``probe``), executed in a fresh namespace:
+    ``gradcon_cells(seed, epochs, **params)``."""
     import nbformat
     import torch
     from tqdm.auto import trange
@@ -33,9 +34,9 @@ def gradcon_cells():
               "epochs": epochs, "batch_size": 64, "lr": 1e-3, "alpha": 0.03, "save_every": 0,
               "trange": trange, **params}
         exec("import copy\nimport time\nimport numpy as np\nimport torch\n"
-             "import torch.nn.functional as F\nfrom torch import nn\n"
+             "import pandas as pd\nimport torch.nn.functional as F\nfrom torch import nn\n"
              "from nbutils.config import save_checkpoint", ns)
-        for tag in ("model", "loss", "train"):
+        for tag in ("model", "loss", "train", "probe"):
             cells = [c.source for c in nb.cells
                      if c.cell_type == "code" and tag in c.metadata.get("tags", [])]
             assert cells, f"no cell tagged {tag!r}"

@@ -227,6 +227,68 @@ def test_interrupted_training_resumes_exactly(gradcon_cells, tmp_path, variant):
             assert torch.equal(a, b), name
 
 
+def test_mean_output_initialisation_moves_only_the_output_bias(gradcon_cells):
+    """init="mean_output": the output bias becomes logit(mean pixel) per channel, nothing else
+    changes, and the untrained network's output is then about as bright as the images."""
+    ns = gradcon_cells(0, 1)
+    torch.manual_seed(0)
+    m = ns["make_model"]()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.rand(50, 1, 28, 28) ** 6  # mostly dark, as MNIST
+    ns["set_output_bias_to_mean"](m, x)
+    after = m.state_dict()
+    assert [k for k in before if not torch.equal(before[k], after[k])] == ["up.6.bias"]
+    assert torch.allclose(torch.sigmoid(after["up.6.bias"]), x.mean(dim=(0, 2, 3)))
+    with torch.no_grad():
+        assert abs(float(m(x).mean() - x.mean())) < 0.05
+        assert abs(float(ns["make_model"]()(x).mean()) - 0.5) < 0.1  # the official start: grey
+
+
+@pytest.mark.parametrize(("variant", "trapped"), [("cae", True), ("vae", False)])
+def test_a_saturated_sigmoid_traps_the_mse_loss_but_not_bce(gradcon_cells, variant, trapped):
+    """The GradCon chapter's diagnosis 4: with every output logit far below zero, the MSE
+    gradient carries sigma'(z) ~ e^z and falls below Adam's epsilon, so 50 official training
+    steps leave the output bias where it was; binary cross-entropy (the VAE) has no such factor
+    and moves it."""
+    ns = gradcon_cells(0, 1, variant=variant)
+    torch.manual_seed(0)
+    m = ns["make_model"]()
+    with torch.no_grad():
+        m.up[-2].bias.fill_(-30.0)  # sigma(-30) ~ 1e-13: a black image
+    x = (torch.rand(64, 1, 28, 28) > 0.8).float()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
+    weights = ns["decoder_weights"](m)
+    ref = ns["RunningMean"](weights)
+    for _ in range(50):
+        ns["train_step"](m, opt, ref, weights, x)
+    moved = float(m.up[-2].bias.detach() + 30.0)
+    if trapped:
+        assert abs(moved) < 1e-6
+    else:
+        assert moved > 1e-2
+
+
+def test_replay_of_the_first_iterations_repeats_training(gradcon_cells):
+    """Diagnosis 4's replay uses the training loop's batches and steps: its iterations are
+    the first iterations of ``train_gradcon`` from the same initial weights."""
+    gen = torch.Generator().manual_seed(0)
+    train = torch.rand(100, 1, 28, 28, generator=gen, dtype=torch.float64)
+    val = torch.rand(20, 1, 28, 28, generator=gen, dtype=torch.float64)
+    ns = gradcon_cells(3, 2, x_train=train)
+    torch.manual_seed(1)
+    initial = {k: v.double() for k, v in ns["make_model"]().state_dict().items()}
+    m = ns["make_model"]().double()
+    m.load_state_dict(initial)
+    _, history, _ = ns["train_gradcon"](m, train, val)
+    ns["make_model"] = lambda f=ns["make_model"]: f().double()
+    probe = ns["replay_first_iterations"](initial, 4, mean_output=False)  # 2 batches an epoch
+    assert list(probe.index) == [1, 2, 3, 4]
+    for epoch in (0, 1):
+        mean_recon = (probe.recon.iloc[2 * epoch] * 64 + probe.recon.iloc[2 * epoch + 1] * 36) / 100
+        assert mean_recon == pytest.approx(history[epoch]["train_recon"], rel=1e-12)
+    assert (probe.max_abs_grad > 0).all() and np.isfinite(probe.mean_logit).all()
+
+
 def test_a_stalled_run_is_restarted_and_the_restart_is_remembered(tmp_path, monkeypatch):
     """stall_epoch=1 makes every attempt but the last count as stalled: the record must come
     from the last attempt, name the stalled ones, and a second execution must train nothing."""
