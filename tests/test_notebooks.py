@@ -91,3 +91,26 @@ def test_source_notebooks_pass_ruff():
     result = subprocess.run([str(ruff), "check", str(PROJECT_ROOT)], capture_output=True,
                             text=True, cwd=PROJECT_ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.slow
+def test_results_page_leaves_a_run_set_under_way_out_of_the_means(smoke_book, tmp_path):
+    """One record of a run set whose profile plans ten classes: the results page must say the
+    seed is under way and give no mean, instead of passing one class off as the run set."""
+    import json
+
+    import nbformat
+
+    _, jobs, _ = smoke_book
+    source = next(j for j in jobs if j.notebook == "gradcon").record
+    quick = next(j for j in pipeline.plan("quick", tmp_path / "runs") if j.notebook == "gradcon")
+    record = json.loads(source.read_text())
+    record.update(profile="quick", normal_class=quick.parameters["normal_class"],
+                  seed=quick.parameters["seed"])
+    quick.record.parent.mkdir(parents=True)
+    quick.record.write_text(json.dumps(record))
+    out = book.execute_results(tmp_path / "page", tmp_path / "runs", PROJECT_ROOT / "notebooks")
+    text = "\n".join(str(o.get("data", {}).get(kind, "")) for kind in ("text/markdown", "text/plain")
+                     for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
+    assert f"Seed {record['seed']} has 1 of 10 classes so far" in text
+    assert "1 of 10" in text  # the side-by-side table's class count
