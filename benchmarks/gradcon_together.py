@@ -32,7 +32,11 @@ pipeline's notebook runs then find them and only score:
 
     python -m nbutils.pipeline --profile paper --notebook gradcon --tag faithful corrected --seeds 0
 
-Only the CAE variants (``cae``, ``cae_grad``) are supported.
+All four variants train together. The VAEs' sampling noise is drawn, on the CPU, from one
+generator per model that starts where the notebook's global generator stands after making
+that model, so a VAE trained here equals the notebook's run when nothing else draws from the
+global generator between the model and its training (the test's case). On a GPU the noise
+comes from the default CUDA generator, which the captured graphs can replay.
 """
 
 from __future__ import annotations
@@ -68,10 +72,13 @@ NOTEBOOK = ROOT / "notebooks" / "gradcon.ipynb"
 DECODER_CONVS = (0, 2, 4, 6)
 
 
+VARIANTS = ("cae", "cae_grad", "vae", "vae_grad")
+
+
 def notebook_model_cell(variant: str = "cae_grad", in_channels: int = 1) -> dict:
     """The namespace of the notebook's cell tagged ``model`` (the code the reader sees)."""
-    if variant not in ("cae", "cae_grad"):
-        raise ValueError(f"only the CAE variants train together, not {variant!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; known: {', '.join(VARIANTS)}")
     nb = nbformat.read(NOTEBOOK, as_version=4)
     namespace = {"variant": variant, "in_channels": in_channels, "dev": torch.device("cpu"),
                  "nn": nn, "torch": torch}
@@ -82,8 +89,9 @@ def notebook_model_cell(variant: str = "cae_grad", in_channels: int = 1) -> dict
 
 
 def notebook_model_class(variant: str = "cae_grad", in_channels: int = 1) -> type[nn.Module]:
-    """The notebook's ``GradConCAE``."""
-    return notebook_model_cell(variant, in_channels)["GradConCAE"]
+    """The notebook's ``GradConCAE`` (or ``GradConVAE`` for the VAE variants)."""
+    cell = notebook_model_cell(variant, in_channels)
+    return cell["GradConVAE" if variant.startswith("vae") else "GradConCAE"]
 
 
 def grouped(layers_of_each: list[nn.Sequential]) -> nn.Sequential:
@@ -124,6 +132,37 @@ class GroupedCAE(nn.Module):
         shapes = {k: v.shape for k, v in template.state_dict().items()}
         return {k: p.detach().view(self.groups, -1)[g].reshape(shapes[k]).clone()
                 for k, p in self.named_parameters()}
+
+
+class GroupedLinear(nn.Module):
+    """G linear layers side by side: (G, batch, in) -> (G, batch, out)."""
+
+    def __init__(self, layers: list[nn.Linear]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([m.weight.detach() for m in layers]).clone())
+        self.bias = nn.Parameter(torch.stack([m.bias.detach() for m in layers]).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.baddbmm(self.bias[:, None, :], x, self.weight.transpose(1, 2))
+
+
+class GroupedVAE(GroupedCAE):
+    """G GradCon VAEs: the CAE's grouped convolutions, and the three fully connected layers
+    per model around the 64x3x3 code. ``forward`` returns the reconstruction
+    (batch, G * channels, H, W) and mu, logvar of shape (G, batch, 576)."""
+
+    def __init__(self, models: list[nn.Module]):
+        super().__init__(models)
+        self.fc11, self.fc12, self.fc2 = (GroupedLinear([getattr(m, name) for m in models])
+                                          for name in ("fc11", "fc12", "fc2"))
+
+    def forward(self, x: Tensor, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        batch = x.shape[0]
+        h = self.down(x).view(batch, self.groups, -1).transpose(0, 1)
+        mu, logvar = self.fc11(h), self.fc12(h)
+        z = mu if noise is None else mu + noise * torch.exp(0.5 * logvar)  # training: sampled
+        code = self.fc2(z).transpose(0, 1).reshape(batch, -1, 3, 3)
+        return self.up(code), mu, logvar
 
 
 class FlatMaskedAdam:
@@ -175,7 +214,8 @@ def _cos_rows(a: Tensor, b: Tensor) -> Tensor:  # row-wise, as F.cosine_similari
 
 def _train_epochs(models: list[nn.Module], trains: list[Tensor], vals: list[Tensor],
                   seeds: list[int], *, epochs: int, batch_size: int, lr: float, alpha: float,
-                  use_grad_loss: bool, cuda_graphs: bool, stream: torch.cuda.Stream | None):
+                  use_grad_loss: bool, cuda_graphs: bool, stream: torch.cuda.Stream | None,
+                  noise_states: list[Tensor] | None = None):
     """A generator: trains the G models (grouped convolutions), one epoch per ``next``.
 
     Each ``next`` first finishes the previous epoch (reads its losses back, keeps snapshots)
@@ -187,7 +227,8 @@ def _train_epochs(models: list[nn.Module], trains: list[Tensor], vals: list[Tens
     """
     G, dev, dtype = len(models), trains[0].device, trains[0].dtype
     use_graphs = cuda_graphs and dev.type == "cuda"
-    net = GroupedCAE(models).to(dev, dtype)
+    vae = hasattr(models[0], "fc2")
+    net = (GroupedVAE if vae else GroupedCAE)(models).to(dev, dtype)
     template = models[0]
     weights = [net.up[i].weight for i in DECODER_CONVS]
     opt = FlatMaskedAdam(list(net.parameters()), G, lr)
@@ -197,6 +238,13 @@ def _train_epochs(models: list[nn.Module], trains: list[Tensor], vals: list[Tens
     V, n_val = _padded(vals)
     chw = X.shape[2:]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
+    noise_gens = []  # the VAEs' sampling on the CPU: one generator per model
+    for g, s in enumerate(seeds):
+        noise_gens.append(torch.Generator())
+        if noise_states is not None:
+            noise_gens[-1].set_state(noise_states[g])
+        else:
+            noise_gens[-1].manual_seed(10_000 + s)
     iters = math.ceil(int(n_train.max()) / batch_size)
     v_iters = math.ceil(int(n_val.max()) / batch_size)
     rows = torch.arange(G, device=dev)[:, None]
@@ -211,13 +259,35 @@ def _train_epochs(models: list[nn.Module], trains: list[Tensor], vals: list[Tens
     def ref_avg() -> list[Tensor]:
         return [s / ref_count.clamp_min(1)[:, None] for s in ref_sum]
 
-    def recon(xb: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-model batch MSE (G,) over the unmasked images, and their number (G,)."""
-        out = net(xb.transpose(0, 1).reshape(xb.shape[1], -1, *chw[1:]))
-        out = out.view(xb.shape[1], G, *chw).transpose(0, 1)
-        per_image = (out - xb).pow(2).flatten(2).mean(2)
+    def noise(count: Tensor, batch: int) -> Tensor:
+        """The VAEs' standard normal draws for one training batch, (G, batch, 576)."""
+        if dev.type == "cuda":  # the default generator: capturable in CUDA graphs
+            return torch.randn(G, batch, 576, device=dev, dtype=dtype)
+        eps = torch.zeros(G, batch, 576, dtype=dtype)
+        for g, n in enumerate(count.tolist()):  # as the notebook: n draws, none once done
+            if n:
+                eps[g, :n] = torch.randn(n, 576, generator=noise_gens[g], dtype=dtype)
+        return eps
+
+    def recon(xb: Tensor, mask: Tensor, training: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-model batch reconstruction loss (MSE; the VAEs: BCE summed over pixels) and
+        latent loss (the VAEs' KL), both (G,) over the unmasked images, and their number."""
         count = mask.sum(1)
-        return (per_image * mask).sum(1) / count.clamp_min(1), count
+        x_in = xb.transpose(0, 1).reshape(xb.shape[1], -1, *chw[1:])
+        if vae:
+            eps = noise(count, xb.shape[1]) if training else None
+            out, mu, logvar = net(x_in, eps)
+        else:
+            out = net(x_in)
+        out = out.view(xb.shape[1], G, *chw).transpose(0, 1)
+        if vae:
+            per_image = F.binary_cross_entropy(out, xb, reduction="none").flatten(2).sum(2)
+            per_latent = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum(2)
+        else:
+            per_image = (out - xb).pow(2).flatten(2).mean(2)
+            per_latent = torch.zeros_like(per_image)
+        n = count.clamp_min(1)
+        return (per_image * mask).sum(1) / n, (per_latent * mask).sum(1) / n, count
 
     def grad_loss(rec: Tensor, create_graph: bool) -> Tensor:
         grads = torch.autograd.grad(rec.sum(), weights, create_graph=create_graph, retain_graph=True)
@@ -229,12 +299,12 @@ def _train_epochs(models: list[nn.Module], trains: list[Tensor], vals: list[Tens
         active = mask.any(1)
         xb = X[rows, idx_buf.clamp_min(0)]
         opt.zero_grad()
-        rec, count = recon(xb, mask)
+        rec, lat, count = recon(xb, mask, training=True)
         if use_grad_loss:
             gl = grad_loss(rec, create_graph=True) * (active & (ref_count > 0))
         else:
             gl = torch.zeros(G, device=dev, dtype=dtype)
-        loss = rec + alpha * gl
+        loss = rec + lat + alpha * gl
         loss.sum().backward()
         with torch.no_grad():
             for s, e, w in zip(ref_sum, epoch_grad, weights, strict=True):
@@ -242,14 +312,14 @@ def _train_epochs(models: list[nn.Module], trains: list[Tensor], vals: list[Tens
                 s += gw
                 e += gw
             ref_count.add_(active)
-            sums.add_(torch.stack([loss, rec, gl], 1).detach() * count[:, None])
+            sums.add_(torch.stack([loss, rec + lat, gl], 1).detach() * count[:, None])
         opt.step(active)
 
     def val_step(j: int) -> None:
         mask = v_pos[j][None, :] < n_val[:, None]
-        rec, count = recon(V[:, v_pos[j]], mask)
+        rec, lat, count = recon(V[:, v_pos[j]], mask, training=False)
         gl = grad_loss(rec, create_graph=False)
-        vsums.add_(torch.stack([rec + alpha * gl, rec, gl], 1).detach() * count[:, None])
+        vsums.add_(torch.stack([rec + lat + alpha * gl, rec + lat, gl], 1).detach() * count[:, None])
 
     train_graph, val_graphs = None, [None] * v_iters
 
@@ -328,7 +398,8 @@ def train_together(models: list[nn.Module], trains: list[Tensor], vals: list[Ten
                    seeds: list[int], *, epochs: int, batch_size: int = 64, lr: float = 1e-3,
                    alpha: float = 0.03, use_grad_loss: bool = True, progress: bool = True,
                    budget_seconds: float | None = None, cuda_graphs: bool = True,
-                   grouped: bool | None = None) -> tuple[list[dict], list[list[dict]]]:
+                   grouped: bool | None = None, noise_states: list[Tensor] | None = None,
+                   ) -> tuple[list[dict], list[list[dict]]]:
     """Train the models together; returns each one's snapshots and per-epoch history, in
     the format of the notebook's ``train_gradcon``.
 
@@ -336,7 +407,9 @@ def train_together(models: list[nn.Module], trains: list[Tensor], vals: list[Ten
     (default on a GPU) each model gets its own CUDA stream and graphs, and the streams run
     side by side: cuDNN's grouped convolutions measured slower on the H200 than separate
     small ones running concurrently. With ``budget_seconds``, stop early (``TimeoutError``)
-    when the pace of epochs 3 and 4 projects a longer run.
+    when the pace of epochs 3 and 4 projects a longer run. ``noise_states``: for VAEs on the
+    CPU, the state each model's sampling generator starts from (``torch.get_rng_state()``
+    right after making the model, as the notebook's global generator stands).
     """
     dev = trains[0].device
     grouped = dev.type != "cuda" if grouped is None else grouped
@@ -344,7 +417,8 @@ def train_together(models: list[nn.Module], trains: list[Tensor], vals: list[Ten
     runs = [_train_epochs([models[i] for i in p], [trains[i] for i in p], [vals[i] for i in p],
                           [seeds[i] for i in p], epochs=epochs, batch_size=batch_size, lr=lr,
                           alpha=alpha, use_grad_loss=use_grad_loss, cuda_graphs=cuda_graphs,
-                          stream=torch.cuda.Stream(dev) if dev.type == "cuda" else None)
+                          stream=torch.cuda.Stream(dev) if dev.type == "cuda" else None,
+                          noise_states=[noise_states[i] for i in p] if noise_states else None)
             for p in parts]
     desc = f"train {len(models)} models " + ("grouped" if grouped else "side by side")
     start = time.perf_counter()
@@ -386,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--classes", nargs="+", default=["all"], help="class indices or 'all'")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0])
     ap.add_argument("--protocol", default="gradcon50")
-    ap.add_argument("--variant", default="cae_grad", choices=["cae", "cae_grad"])
+    ap.add_argument("--variant", default="cae_grad", choices=VARIANTS)
     ap.add_argument("--epochs", type=int, default=1000)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -414,8 +488,8 @@ def main(argv: list[str] | None = None) -> int:
                else [int(c) if c.isdigit() else c for c in args.classes])
     in_channels = 3 if args.dataset == "cifar10" else 1
     model_cell = notebook_model_cell(args.variant, in_channels)
-    model_class = model_cell["GradConCAE"]
-    models, trains, vals, seeds, params, paths = [], [], [], [], [], []
+    model_class = model_cell["GradConVAE" if args.variant.startswith("vae") else "GradConCAE"]
+    models, trains, vals, seeds, params, paths, noise_states = [], [], [], [], [], [], []
     for seed in args.seeds:
         for c in classes:
             split = load_one_class(args.dataset, c, protocol=args.protocol, seed=seed,
@@ -438,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.init == "mean_output":
                 model_cell["set_output_bias_to_mean"](model, torch.from_numpy(split.train))
             models.append(model)
+            noise_states.append(torch.get_rng_state())  # where the notebook's VAE draws from
             trains.append(torch.from_numpy(split.train).to(dev))
             vals.append(torch.from_numpy(split.val).to(dev))
             seeds.append(seed)
@@ -453,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             models, trains, vals, seeds, epochs=args.epochs, batch_size=args.batch_size,
             lr=args.lr, alpha=args.alpha, use_grad_loss=args.variant.endswith("_grad"),
             budget_seconds=args.budget_seconds or None, cuda_graphs=not args.no_cuda_graphs,
-            grouped=True if args.grouped else None)
+            grouped=True if args.grouped else None, noise_states=noise_states)
     except TimeoutError as err:
         print(f"stopped, nothing saved: {err}")
         return 3

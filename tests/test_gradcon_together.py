@@ -115,22 +115,24 @@ def test_masked_adam_equals_torch_adam_and_skips_inactive_groups():
     assert np.allclose(opt.steps.squeeze(1).numpy(), [5, 0])
 
 
-def test_the_notebook_finds_the_checkpoint_and_only_scores(tmp_path, monkeypatch):
+@pytest.mark.parametrize("variant", ["cae_grad", "vae"])
+def test_the_notebook_finds_the_checkpoint_and_only_scores(tmp_path, monkeypatch, variant):
     import json
 
     import papermill as pm
 
     monkeypatch.setenv("CHECKPOINT_DIR", str(tmp_path / "ckpt"))
-    common = {"dataset": "digits", "epochs": 1, "max_train": 60, "max_test": 40}
+    common = {"dataset": "digits", "epochs": 1, "max_train": 60, "max_test": 40, "variant": variant}
     assert _load_script().main(["--dataset", "digits", "--classes", "3", "--seeds", "0",
                                 "--epochs", "1", "--max-train", "60", "--max-test", "40",
-                                "--device", "cpu"]) == 0
+                                "--device", "cpu", "--variant", variant]) == 0
     assert len(list((tmp_path / "ckpt" / "gradcon").glob("*.pt"))) == 1
     record = tmp_path / "record.json"
     pm.execute_notebook(str(NOTEBOOK), str(tmp_path / "out.ipynb"), kernel_name="python3",
                         progress_bar=False, cwd=str(ROOT),
                         parameters={**common, "normal_class": 3, "seed": 0, "device": "cpu",
-                                    "n_boot": 10, "record_path": str(record)})
+                                    "n_boot": 10, "probe_iterations": 5,
+                                    "record_path": str(record)})
     rec = json.loads(record.read_text())
     assert rec["extra"]["trainer"]["name"] == "benchmarks/gradcon_together.py"
     assert rec["timings"]["train"] == 0.0  # training skipped: the notebook only scored
@@ -145,5 +147,35 @@ def test_side_by_side_runs_equal_the_notebook_loop(runs, gradcon_cells):
             assert ours == pytest.approx(theirs, rel=1e-8, abs=1e-10)
         for name in ("faithful", "corrected", "last"):
             assert s[name]["epoch"] == ref_snaps[name]["epoch"]
+            for k, v in ref_snaps[name]["state"].items():
+                assert torch.allclose(s[name]["state"][k], v, atol=1e-10, rtol=1e-7), (name, k)
+
+
+@pytest.mark.parametrize("variant,grouped", [("vae_grad", True), ("vae", False)])
+def test_vaes_equal_the_notebook_loop(gradcon_cells, variant, grouped):
+    """The VAEs add fully connected layers, BCE, the KL term and sampling noise. Each model's
+    noise generator starts where the notebook's global one stands after making the model."""
+    torch.set_num_threads(1)
+    data = _data()
+    reference, models, noise_states = [], [], []
+    for (train, val), seed in zip(data, SEEDS, strict=True):
+        ns = gradcon_cells(seed, EPOCHS, variant=variant)
+        torch.manual_seed(seed)
+        models.append(ns["GradConVAE"](1).double())
+        noise_states.append(torch.get_rng_state())
+        torch.manual_seed(seed)
+        model = ns["GradConVAE"](1).double()
+        reference.append(ns["train_gradcon"](model, train, val)[:2])
+    snaps, histories = _load_script().train_together(
+        models, [d[0] for d in data], [d[1] for d in data], SEEDS, epochs=EPOCHS,
+        use_grad_loss=variant.endswith("_grad"), progress=False, grouped=grouped,
+        noise_states=noise_states)
+    for (ref_snaps, ref_history), s, h in zip(reference, snaps, histories, strict=True):
+        assert h[-1]["train_recon"] < h[0]["train_recon"]  # it trained
+        for ours, theirs in zip(h, ref_history, strict=True):
+            assert ours == pytest.approx(theirs, rel=1e-8, abs=1e-10)
+        for name in ("faithful", "corrected", "last"):
+            assert s[name]["epoch"] == ref_snaps[name]["epoch"]
+            assert s[name]["state"].keys() == ref_snaps[name]["state"].keys()
             for k, v in ref_snaps[name]["state"].items():
                 assert torch.allclose(s[name]["state"][k], v, atol=1e-10, rtol=1e-7), (name, k)
