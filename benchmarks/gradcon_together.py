@@ -239,7 +239,7 @@ def _train_epochs(models: list[nn.Module], trains: list[Tensor], vals: list[Tens
     chw = X.shape[2:]
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     noise_gens = []  # the VAEs' sampling on the CPU: one generator per model
-    for g, s in enumerate(seeds):
+    for g, s in enumerate(seeds if vae else []):
         noise_gens.append(torch.Generator())
         if noise_states is not None:
             noise_gens[-1].set_state(noise_states[g])
