@@ -27,6 +27,13 @@ the remaining iterations of that epoch: its samples are masked and its Adam step
 float64. (On a GPU, two runs of the same thing already differ: in one comparison here, by up
 to 15% in a loss after six epochs. cuDNN's kernels are not deterministic and Adam amplifies it.)
 
+Nothing is lost when a sweep is interrupted: every ``--save-every`` epochs (25) each model's
+whole training state is saved beside its checkpoint in the notebook's ``.state.pt`` format,
+and the next call continues from it. The formats being one, a run interrupted here can be
+finished by the notebook (on a CPU, say), and a notebook run's saved state can be finished
+here, beside models that start afresh. ``tests/test_gradcon_together.py`` checks all three
+against the uninterrupted run in float64.
+
 The checkpoints are written where, and as, the notebook writes them (same key), so the
 pipeline's notebook runs then find them and only score:
 
@@ -48,6 +55,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import nbformat
@@ -105,7 +113,8 @@ def grouped(layers_of_each: list[nn.Sequential]) -> nn.Sequential:
             kind = type(first)
             extra = {"output_padding": first.output_padding} if kind is nn.ConvTranspose2d else {}
             new = kind(g * first.in_channels, g * first.out_channels, first.kernel_size,
-                       stride=first.stride, padding=first.padding, groups=g, **extra)
+                       stride=first.stride, padding=first.padding, groups=g, **extra,
+                       dtype=first.weight.dtype, device=first.weight.device)  # no rounding
             with torch.no_grad():  # both weight layouts put the groups along dim 0
                 new.weight.copy_(torch.cat([m.weight for m in layers]))
                 new.bias.copy_(torch.cat([m.bias for m in layers]))
@@ -212,10 +221,23 @@ def _cos_rows(a: Tensor, b: Tensor) -> Tensor:  # row-wise, as F.cosine_similari
     return F.cosine_similarity(a, b, dim=1)
 
 
+def _to_cpu(obj):
+    """``obj`` with every tensor in it (nested dicts and lists) moved to the CPU."""
+    if isinstance(obj, Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    return obj
+
+
 def _train_epochs(models: list[nn.Module], trains: list[Tensor], vals: list[Tensor],
                   seeds: list[int], *, epochs: int, batch_size: int, lr: float, alpha: float,
                   use_grad_loss: bool, cuda_graphs: bool, stream: torch.cuda.Stream | None,
-                  noise_states: list[Tensor] | None = None):
+                  noise_states: list[Tensor] | None = None,
+                  resume: list[dict] | None = None, save_every: int = 0,
+                  on_state: Callable[[int, dict], None] | None = None):
     """A generator: trains the G models (grouped convolutions), one epoch per ``next``.
 
     Each ``next`` first finishes the previous epoch (reads its losses back, keeps snapshots)
@@ -224,10 +246,21 @@ def _train_epochs(models: list[nn.Module], trains: list[Tensor], vals: list[Tens
     On a GPU the first epoch runs eagerly (it also warms cuDNN up), then one training
     iteration and each validation batch are captured as CUDA graphs and replayed: the same
     kernels without Python's launch overhead. Returns (snapshots, histories).
+
+    ``resume``: one training state per model, in the format of the notebook's ``.state.pt``
+    files, all after the same epoch; training continues from there. Every ``save_every``
+    epochs (and not after the last), ``on_state(g, state)`` receives model g's state in that
+    format, on the CPU, so that the notebook or this trainer can continue it.
     """
     G, dev, dtype = len(models), trains[0].device, trains[0].dtype
     use_graphs = cuda_graphs and dev.type == "cuda"
     vae = hasattr(models[0], "fc2")
+    first_epoch = resume[0]["epoch"] if resume else 0
+    if resume:
+        assert all(s["epoch"] == first_epoch for s in resume), "one group resumes from one epoch"
+        models = [copy.deepcopy(m) for m in models]
+        for m, s in zip(models, resume, strict=True):
+            m.load_state_dict(s["model"])
     net = (GroupedVAE if vae else GroupedCAE)(models).to(dev, dtype)
     template = models[0]
     weights = [net.up[i].weight for i in DECODER_CONVS]
@@ -255,6 +288,11 @@ def _train_epochs(models: list[nn.Module], trains: list[Tensor], vals: list[Tens
     epoch_grad = [torch.zeros_like(s) for s in ref_sum]
     v_pos = [torch.arange(j * batch_size, min((j + 1) * batch_size, V.shape[1]), device=dev)
              for j in range(v_iters)]
+    # the notebook's names and order of parameters (its Adam state is keyed by position)
+    names = [n for n, _ in net.named_parameters()]
+    order_of = {n: i for i, (n, _) in enumerate(template.named_parameters())}
+    shapes = {n: p.shape for n, p in template.named_parameters()}
+    offsets = np.cumsum([0, *opt.sizes])
 
     def ref_avg() -> list[Tensor]:
         return [s / ref_count.clamp_min(1)[:, None] for s in ref_sum]
@@ -325,7 +363,7 @@ def _train_epochs(models: list[nn.Module], trains: list[Tensor], vals: list[Tens
 
     def run(step, graph):
         """Replay ``graph`` if captured; else capture (from the second epoch) or run eagerly."""
-        if graph is None and use_graphs and epoch > 0:
+        if graph is None and use_graphs and epoch > first_epoch:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, stream=torch.cuda.Stream(dev)):
                 step()
@@ -339,11 +377,51 @@ def _train_epochs(models: list[nn.Module], trains: list[Tensor], vals: list[Tens
     histories: list[list[dict]] = [[] for _ in range(G)]
     best_val = np.full(G, np.inf)
     best_rec = np.full(G, np.inf)
+    seconds_before = np.zeros(G)
+    for g, s in enumerate(resume or []):
+        adam = s["opt"]["state"]
+        for n, a, b in zip(names, offsets[:-1], offsets[1:], strict=True):
+            opt.m[g, a:b] = adam[order_of[n]]["exp_avg"].flatten()
+            opt.v[g, a:b] = adam[order_of[n]]["exp_avg_sq"].flatten()
+        opt.steps[g] = float(adam[order_of[names[0]]]["step"])
+        for total, t in zip(ref_sum, s["ref_sum"], strict=True):
+            total[g] = t.flatten()
+        ref_count[g] = s["ref_count"]
+        gens[g].set_state(s["gen"].cpu())  # loaded onto the device with the rest
+        if vae:
+            noise_gens[g].set_state(s["torch_rng"].cpu())
+        best_val[g], best_rec[g] = s["best_val"], s["best_rec"]
+        snaps[g], histories[g] = dict(s["snaps"]), list(s["history"])
+        seconds_before[g] = s["seconds"]
+    t_start = time.perf_counter()
 
     def snapshot(g: int, epoch: int) -> dict:
         return {"epoch": epoch, "state": net.state_of(g, template),
                 "ref": [a[g].reshape(w.shape[0] // G, *w.shape[1:]).clone()
                         for a, w in zip(ref_avg(), weights, strict=True)]}
+
+    def notebook_state(g: int, epoch: int) -> dict:
+        """Model g's training state as the notebook's ``train_gradcon`` saves it."""
+        model = copy.deepcopy(template)
+        model.load_state_dict(net.state_of(g, template))
+        adam = torch.optim.Adam(model.parameters(), lr=lr)
+        params = dict(model.named_parameters())
+        step = float(opt.steps[g])
+        for n, a, b in zip(names, offsets[:-1], offsets[1:], strict=True):
+            adam.state[params[n]] = {
+                "step": torch.tensor(step, dtype=torch.float32),
+                "exp_avg": opt.m[g, a:b].view(shapes[n]).clone(),
+                "exp_avg_sq": opt.v[g, a:b].view(shapes[n]).clone()}
+        rng = (noise_gens[g].get_state() if vae else
+               noise_states[g] if noise_states is not None else torch.get_rng_state())
+        return _to_cpu({
+            "epoch": epoch, "model": model.state_dict(), "opt": adam.state_dict(),
+            "ref_sum": [t[g].view(w.shape[0] // G, *w.shape[1:]).clone()
+                        for t, w in zip(ref_sum, weights, strict=True)],
+            "ref_count": int(ref_count[g]), "gen": gens[g].get_state(), "torch_rng": rng,
+            "best_val": float(best_val[g]), "best_rec": float(best_rec[g]),
+            "snaps": snaps[g], "history": histories[g],
+            "seconds": float(seconds_before[g] + time.perf_counter() - t_start)})
 
     stream = stream if stream is not None else (torch.cuda.Stream(dev) if use_graphs else None)
     if stream is not None:  # the data and weights were made on the default stream
@@ -352,7 +430,7 @@ def _train_epochs(models: list[nn.Module], trains: list[Tensor], vals: list[Tens
     def on_stream():
         return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
 
-    for epoch in range(epochs):
+    for epoch in range(first_epoch, epochs):
         with on_stream():
             order = torch.full((G, iters * batch_size), -1, dtype=torch.long)
             for g, gen in enumerate(gens):
@@ -386,6 +464,9 @@ def _train_epochs(models: list[nn.Module], trains: list[Tensor], vals: list[Tens
                 if val[g, 1] < best_rec[g]:
                     best_rec[g] = val[g, 1]
                     snaps[g]["corrected"] = snapshot(g, epoch + 1)
+            if on_state and save_every and (epoch + 1) % save_every == 0 and epoch + 1 < epochs:
+                for g in range(G):
+                    on_state(g, notebook_state(g, epoch + 1))
     with on_stream():
         for g in range(G):
             snaps[g]["last"] = snapshot(g, epochs)
@@ -399,6 +480,8 @@ def train_together(models: list[nn.Module], trains: list[Tensor], vals: list[Ten
                    alpha: float = 0.03, use_grad_loss: bool = True, progress: bool = True,
                    budget_seconds: float | None = None, cuda_graphs: bool = True,
                    grouped: bool | None = None, noise_states: list[Tensor] | None = None,
+                   states: list[dict | None] | None = None, save_every: int = 0,
+                   on_state: Callable[[int, dict], None] | None = None,
                    ) -> tuple[list[dict], list[list[dict]]]:
     """Train the models together; returns each one's snapshots and per-epoch history, in
     the format of the notebook's ``train_gradcon``.
@@ -410,36 +493,57 @@ def train_together(models: list[nn.Module], trains: list[Tensor], vals: list[Ten
     when the pace of epochs 3 and 4 projects a longer run. ``noise_states``: for VAEs on the
     CPU, the state each model's sampling generator starts from (``torch.get_rng_state()``
     right after making the model, as the notebook's global generator stands).
+
+    ``states`` (None for a model that starts afresh): training states in the format of the
+    notebook's ``.state.pt`` files, written by the notebook or by ``on_state``; those models
+    continue from them, the result the same as without the interruption (tested). Every
+    ``save_every`` epochs, ``on_state(i, state)`` receives model i's state.
     """
     dev = trains[0].device
     grouped = dev.type != "cuda" if grouped is None else grouped
-    parts = [list(range(len(models)))] if grouped else [[i] for i in range(len(models))]
-    runs = [_train_epochs([models[i] for i in p], [trains[i] for i in p], [vals[i] for i in p],
-                          [seeds[i] for i in p], epochs=epochs, batch_size=batch_size, lr=lr,
-                          alpha=alpha, use_grad_loss=use_grad_loss, cuda_graphs=cuda_graphs,
-                          stream=torch.cuda.Stream(dev) if dev.type == "cuda" else None,
-                          noise_states=[noise_states[i] for i in p] if noise_states else None)
+    states = states or [None] * len(models)
+    first = [s["epoch"] if s else 0 for s in states]
+    if grouped:  # one group per epoch to resume from: a group steps its models together
+        parts = [[i for i in range(len(models)) if first[i] == e] for e in sorted(set(first))]
+    else:
+        parts = [[i] for i in range(len(models))]
+
+    def report(p):
+        return None if on_state is None else (lambda g, state: on_state(p[g], state))
+
+    runs = [(first[p[0]], p, _train_epochs(
+                [models[i] for i in p], [trains[i] for i in p], [vals[i] for i in p],
+                [seeds[i] for i in p], epochs=epochs, batch_size=batch_size, lr=lr, alpha=alpha,
+                use_grad_loss=use_grad_loss, cuda_graphs=cuda_graphs,
+                stream=torch.cuda.Stream(dev) if dev.type == "cuda" else None,
+                noise_states=[noise_states[i] for i in p] if noise_states else None,
+                resume=[states[i] for i in p] if states[p[0]] else None,
+                save_every=save_every, on_state=report(p)))
             for p in parts]
     desc = f"train {len(models)} models " + ("grouped" if grouped else "side by side")
+    start_epoch = min(first)
     start = time.perf_counter()
-    for epoch in trange(epochs, desc=desc, unit="epoch", disable=not progress, mininterval=10):
-        if epoch == 2:
+    for epoch in trange(start_epoch, epochs, initial=start_epoch, total=epochs, desc=desc,
+                        unit="epoch", disable=not progress, mininterval=10):
+        if epoch == start_epoch + 2:
             pace_start = time.perf_counter()
-        if budget_seconds and epoch == 4:
-            projected = (pace_start - start) + (time.perf_counter() - pace_start) / 2 * (epochs - 2)
+        if budget_seconds and epoch == start_epoch + 4:
+            projected = ((pace_start - start) +
+                         (time.perf_counter() - pace_start) / 2 * (epochs - start_epoch - 2))
             if projected > budget_seconds:
-                raise TimeoutError(f"{epochs} epochs would take about {projected:.0f} s, "
-                                   f"over the budget of {budget_seconds:.0f} s")
-        for run in runs:
-            next(run)
-    snaps: list[dict] = []
-    histories: list[list[dict]] = []
-    for run in runs:
+                raise TimeoutError(f"{epochs - start_epoch} epochs would take about "
+                                   f"{projected:.0f} s, over the budget of {budget_seconds:.0f} s")
+        for begins, _, run in runs:
+            if epoch >= begins:
+                next(run)
+    snaps: list[dict | None] = [None] * len(models)
+    histories: list[list[dict] | None] = [None] * len(models)
+    for _, p, run in runs:
         try:
             next(run)
         except StopIteration as done:
-            snaps += done.value[0]
-            histories += done.value[1]
+            for i, s, h in zip(p, *done.value, strict=True):
+                snaps[i], histories[i] = s, h
         else:
             raise RuntimeError("a training generator ran past its epochs")
     return snaps, histories
@@ -478,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cuda-graphs", action="store_true", help="launch every kernel from Python")
     ap.add_argument("--grouped", action="store_true",
                     help="on a GPU too, stack the models as grouped convolutions (one stream)")
+    ap.add_argument("--save-every", type=int, default=25,
+                    help="epochs between resumable training states (*.state.pt, the notebook's "
+                         "format; 0: none). A run that finds one continues from it")
     args = ap.parse_args(argv)
 
     dev = get_device(args.device)
@@ -489,7 +596,7 @@ def main(argv: list[str] | None = None) -> int:
     in_channels = 3 if args.dataset == "cifar10" else 1
     model_cell = notebook_model_cell(args.variant, in_channels)
     model_class = model_cell["GradConVAE" if args.variant.startswith("vae") else "GradConCAE"]
-    models, trains, vals, seeds, params, paths, noise_states = [], [], [], [], [], [], []
+    models, trains, vals, seeds, params, paths, noise_states, states = [], [], [], [], [], [], [], []
     for seed in args.seeds:
         for c in classes:
             split = load_one_class(args.dataset, c, protocol=args.protocol, seed=seed,
@@ -513,6 +620,12 @@ def main(argv: list[str] | None = None) -> int:
                 model_cell["set_output_bias_to_mean"](model, torch.from_numpy(split.train))
             models.append(model)
             noise_states.append(torch.get_rng_state())  # where the notebook's VAE draws from
+            state_path = path.with_suffix(".state.pt")
+            if state_path.exists() and not args.force:
+                states.append(torch.load(state_path, map_location=dev, weights_only=True))
+                print(f"resuming from {state_path.name} after epoch {states[-1]['epoch']}")
+            else:
+                states.append(None)
             trains.append(torch.from_numpy(split.train).to(dev))
             vals.append(torch.from_numpy(split.val).to(dev))
             seeds.append(seed)
@@ -522,13 +635,18 @@ def main(argv: list[str] | None = None) -> int:
         print("nothing to train")
         return 0
     print(f"{describe_device(dev)}: training {len(models)} models together, {args.epochs} epochs")
+
+    def save_state(i: int, state: dict) -> None:
+        save_checkpoint(state, paths[i].with_suffix(".state.pt"))
+
     start = time.perf_counter()
     try:
         snaps, histories = train_together(
             models, trains, vals, seeds, epochs=args.epochs, batch_size=args.batch_size,
             lr=args.lr, alpha=args.alpha, use_grad_loss=args.variant.endswith("_grad"),
             budget_seconds=args.budget_seconds or None, cuda_graphs=not args.no_cuda_graphs,
-            grouped=True if args.grouped else None, noise_states=noise_states)
+            grouped=True if args.grouped else None, noise_states=noise_states, states=states,
+            save_every=args.save_every, on_state=save_state if args.save_every else None)
     except TimeoutError as err:
         print(f"stopped, nothing saved: {err}")
         return 3
@@ -538,16 +656,19 @@ def main(argv: list[str] | None = None) -> int:
                "layout": ("grouped convolutions" if args.grouped or dev.type != "cuda"
                           else "one CUDA stream per model"),
                "wall_seconds_all_models": seconds, "device": describe_device(dev)}
-    for p, path, s, h in zip(params, paths, snaps, histories, strict=True):
-        s = {k: {**v, "state": {n: t.cpu() for n, t in v["state"].items()},
-                 "ref": [t.cpu() for t in v["ref"]]} for k, v in s.items()}
-        save_checkpoint({"params": p, "snapshots": s, "history": h, "train_seconds": seconds,
-                         "trainer": trainer}, path)
+    for p, path, s, h, state in zip(params, paths, snaps, histories, states, strict=True):
+        resumed = {"resumed_after_epoch": state["epoch"]} if state else {}
+        save_checkpoint({"params": p, "snapshots": _to_cpu(s), "history": h,
+                         "train_seconds": seconds + (state["seconds"] if state else 0.0),
+                         "trainer": {**trainer, **resumed}}, path)
+        path.with_suffix(".state.pt").unlink(missing_ok=True)
         print(f"saved {path}")
-    iterations = args.epochs * sum(math.ceil(len(t) / args.batch_size) for t in trains)
+    firsts = [s["epoch"] if s else 0 for s in states]
+    iterations = sum((args.epochs - e) * math.ceil(len(t) / args.batch_size)
+                     for t, e in zip(trains, firsts, strict=True))
     summary = {"benchmark": "gradcon_together", **trainer, "epochs": args.epochs,
                "classes": classes, "seeds": args.seeds, "model_iterations": iterations,
-               "seconds_per_epoch": seconds / args.epochs, "torch": torch.__version__,
+               "seconds_per_epoch": seconds / (args.epochs - min(firsts)), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git_commit": git_commit()}
     print(json.dumps(summary, indent=1))
     if args.summary:

@@ -179,3 +179,144 @@ def test_vaes_equal_the_notebook_loop(gradcon_cells, variant, grouped):
             assert s[name]["state"].keys() == ref_snaps[name]["state"].keys()
             for k, v in ref_snaps[name]["state"].items():
                 assert torch.allclose(s[name]["state"][k], v, atol=1e-10, rtol=1e-7), (name, k)
+
+
+# --- interrupted runs: states in the notebook's .state.pt format, continued by either side ---
+
+STOP = 3  # the epoch after which a run is interrupted (its state saved, then stopped)
+
+
+class Interrupted(Exception):
+    pass
+
+
+_REFERENCES: dict[str, tuple] = {}
+
+
+def _models_and_reference(gradcon_cells, variant: str):
+    """Initial models (and, for VAEs, where each one's noise starts) and the notebook's
+    uninterrupted runs of them (computed once per variant)."""
+    if variant not in _REFERENCES:
+        model_class = "GradConVAE" if variant.startswith("vae") else "GradConCAE"
+        models, noise_states, reference = [], [], []
+        for (train, val), seed in zip(_data(), SEEDS, strict=True):
+            ns = gradcon_cells(seed, EPOCHS, variant=variant)
+            torch.manual_seed(seed)
+            models.append(ns[model_class](1).double())
+            noise_states.append(torch.get_rng_state())
+            torch.manual_seed(seed)
+            reference.append(ns["train_gradcon"](ns[model_class](1).double(), train, val)[:2])
+        _REFERENCES[variant] = models, noise_states, reference
+    return _REFERENCES[variant]
+
+
+def _assert_equal_runs(reference, snaps, histories):
+    for (ref_snaps, ref_history), s, h in zip(reference, snaps, histories, strict=True):
+        assert len(h) == len(ref_history) == EPOCHS
+        for ours, theirs in zip(h, ref_history, strict=True):
+            assert ours == pytest.approx(theirs, rel=1e-8, abs=1e-10)
+        assert s.keys() == ref_snaps.keys() == {"faithful", "corrected", "last"}
+        for name in s:
+            assert s[name]["epoch"] == ref_snaps[name]["epoch"]
+            for k, v in ref_snaps[name]["state"].items():
+                assert torch.allclose(s[name]["state"][k], v, atol=1e-10, rtol=1e-7), (name, k)
+            for a, b in zip(s[name]["ref"], ref_snaps[name]["ref"], strict=True):
+                assert torch.allclose(a, b, atol=1e-12, rtol=1e-7), name
+
+
+def _interrupted_together(models, noise_states, variant, grouped) -> list[dict]:
+    """Train together with a state every STOP epochs; stop once every model has saved one."""
+    saved: dict[int, dict] = {}
+
+    def on_state(i: int, state: dict) -> None:
+        saved[i] = state
+        if len(saved) == len(models):
+            raise Interrupted
+
+    data = _data()
+    with pytest.raises(Interrupted):
+        _load_script().train_together(
+            models, [d[0] for d in data], [d[1] for d in data], SEEDS, epochs=EPOCHS,
+            use_grad_loss=variant.endswith("_grad"), progress=False, grouped=grouped,
+            noise_states=noise_states, save_every=STOP, on_state=on_state)
+    assert [saved[i]["epoch"] for i in range(len(models))] == [STOP] * len(models)
+    return [saved[i] for i in range(len(models))]
+
+
+@pytest.mark.parametrize("variant,grouped", [("cae_grad", True), ("cae_grad", False),
+                                             ("vae_grad", True)])
+def test_an_interrupted_run_continues_to_the_uninterrupted_one(gradcon_cells, variant, grouped):
+    torch.set_num_threads(1)
+    models, noise_states, reference = _models_and_reference(gradcon_cells, variant)
+    states = _interrupted_together(models, noise_states, variant, grouped)
+    data = _data()
+    snaps, histories = _load_script().train_together(
+        models, [d[0] for d in data], [d[1] for d in data], SEEDS, epochs=EPOCHS,
+        use_grad_loss=variant.endswith("_grad"), progress=False, grouped=grouped,
+        noise_states=noise_states, states=states)
+    _assert_equal_runs(reference, snaps, histories)
+
+
+def test_the_notebook_continues_a_state_written_here(gradcon_cells, tmp_path):
+    from nbutils.config import save_checkpoint
+
+    torch.set_num_threads(1)
+    models, noise_states, reference = _models_and_reference(gradcon_cells, "cae_grad")
+    states = _interrupted_together(models, noise_states, "cae_grad", grouped=True)
+    for (train, val), seed, state, ref in zip(_data(), SEEDS, states, reference, strict=True):
+        path = save_checkpoint(state, tmp_path / f"seed{seed}.state.pt")
+        ns = gradcon_cells(seed, EPOCHS, save_every=STOP)
+        torch.manual_seed(seed)
+        snaps, history = ns["train_gradcon"](ns["GradConCAE"](1).double(), train, val, path)[:2]
+        _assert_equal_runs([ref], [snaps], [history])
+
+
+def test_a_notebook_state_continues_here_beside_a_fresh_model(gradcon_cells, tmp_path):
+    """Model 0 was interrupted in the notebook; model 1 starts afresh in the same call."""
+    torch.set_num_threads(1)
+    models, noise_states, reference = _models_and_reference(gradcon_cells, "cae_grad")
+    (train, val), seed = _data()[0], SEEDS[0]
+    ns = gradcon_cells(seed, EPOCHS, save_every=STOP)
+    save = ns["save_checkpoint"]
+
+    def save_then_stop(obj, path):
+        save(obj, path)
+        raise Interrupted
+
+    ns["save_checkpoint"] = save_then_stop
+    path = tmp_path / "notebook.state.pt"
+    torch.manual_seed(seed)
+    with pytest.raises(Interrupted):
+        ns["train_gradcon"](ns["GradConCAE"](1).double(), train, val, path)
+    state = torch.load(path, weights_only=True)
+    assert state["epoch"] == STOP
+    data = _data()
+    snaps, histories = _load_script().train_together(
+        models, [d[0] for d in data], [d[1] for d in data], SEEDS, epochs=EPOCHS,
+        progress=False, grouped=True, states=[state, None])
+    _assert_equal_runs(reference, snaps, histories)
+
+
+def test_the_script_resumes_from_its_state_file_and_removes_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("CHECKPOINT_DIR", str(tmp_path))
+    script = _load_script()
+    args = ["--dataset", "digits", "--classes", "3", "--seeds", "0", "--epochs", "3",
+            "--max-train", "60", "--max-test", "40", "--device", "cpu", "--save-every", "2"]
+    save = script.save_checkpoint
+
+    def save_then_stop(obj, path):
+        save(obj, path)
+        if str(path).endswith(".state.pt"):
+            raise Interrupted
+
+    monkeypatch.setattr(script, "save_checkpoint", save_then_stop)
+    with pytest.raises(Interrupted):
+        script.main(args)
+    (state_path,) = (tmp_path / "gradcon").glob("*.state.pt")
+    assert torch.load(state_path, weights_only=True)["epoch"] == 2
+    monkeypatch.setattr(script, "save_checkpoint", save)
+    assert script.main(args) == 0
+    assert not state_path.exists()
+    ckpt = torch.load(state_path.with_suffix("").with_suffix(".pt"), weights_only=True)
+    assert ckpt["trainer"]["resumed_after_epoch"] == 2
+    assert [h["epoch"] for h in ckpt["history"]] == [1, 2, 3]
