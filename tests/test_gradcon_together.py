@@ -36,31 +36,40 @@ def _data() -> list[tuple[torch.Tensor, torch.Tensor]]:
             for n_train, n_val in ((150, 70), (100, 40))]
 
 
-def _initial_models(ns: dict) -> list:
-    """The notebook's CAE as the notebook makes it: the first draw after seeding."""
-    models = []
-    for seed in SEEDS:
-        torch.manual_seed(seed)
-        models.append(ns["GradConCAE"](1).double())
-    return models
+_REFERENCES: dict[str, tuple] = {}
 
 
-def _train_together(load_cells, grouped: bool):
+def _models_and_reference(gradcon_cells, variant: str):
+    """Initial models (and, for VAEs, where each one's noise starts) and the notebook's
+    uninterrupted runs of them (computed once per variant)."""
+    if variant not in _REFERENCES:
+        model_class = "GradConVAE" if variant.startswith("vae") else "GradConCAE"
+        models, noise_states, reference = [], [], []
+        for (train, val), seed in zip(_data(), SEEDS, strict=True):
+            ns = gradcon_cells(seed, EPOCHS, variant=variant)
+            torch.manual_seed(seed)
+            models.append(ns[model_class](1).double())
+            noise_states.append(torch.get_rng_state())
+            torch.manual_seed(seed)
+            reference.append(ns["train_gradcon"](ns[model_class](1).double(), train, val)[:2])
+        _REFERENCES[variant] = models, noise_states, reference
+    return _REFERENCES[variant]
+
+
+def _together(models, noise_states, variant: str, grouped: bool, **kwargs):
+    """The script's ``train_together`` on the test data."""
     data = _data()
     return _load_script().train_together(
-        _initial_models(load_cells(0, EPOCHS)), [d[0] for d in data], [d[1] for d in data],
-        SEEDS, epochs=EPOCHS, progress=False, grouped=grouped)
+        models, [d[0] for d in data], [d[1] for d in data], SEEDS, epochs=EPOCHS,
+        use_grad_loss=variant.endswith("_grad"), progress=False, grouped=grouped,
+        noise_states=noise_states, **kwargs)
 
 
 @pytest.fixture(scope="module")
 def runs(gradcon_cells):
     torch.set_num_threads(1)
-    reference = []
-    for (train, val), seed in zip(_data(), SEEDS, strict=True):
-        ns = gradcon_cells(seed, EPOCHS)
-        torch.manual_seed(seed)
-        reference.append(ns["train_gradcon"](ns["GradConCAE"](1).double(), train, val)[:2])
-    snaps, histories = _train_together(gradcon_cells, grouped=True)
+    models, noise_states, reference = _models_and_reference(gradcon_cells, "cae_grad")
+    snaps, histories = _together(models, noise_states, "cae_grad", grouped=True)
     return reference, snaps, histories
 
 
@@ -141,7 +150,8 @@ def test_the_notebook_finds_the_checkpoint_and_only_scores(tmp_path, monkeypatch
 def test_side_by_side_runs_equal_the_notebook_loop(runs, gradcon_cells):
     # the GPU default: one generator (stream) per model, their epochs interleaved
     reference, _, _ = runs
-    snaps, histories = _train_together(gradcon_cells, grouped=False)
+    models, noise_states, _ = _models_and_reference(gradcon_cells, "cae_grad")
+    snaps, histories = _together(models, noise_states, "cae_grad", grouped=False)
     _assert_equal_runs(reference, snaps, histories)
 
 
@@ -150,20 +160,8 @@ def test_vaes_equal_the_notebook_loop(gradcon_cells, variant, grouped):
     """The VAEs add fully connected layers, BCE, the KL term and sampling noise. Each model's
     noise generator starts where the notebook's global one stands after making the model."""
     torch.set_num_threads(1)
-    data = _data()
-    reference, models, noise_states = [], [], []
-    for (train, val), seed in zip(data, SEEDS, strict=True):
-        ns = gradcon_cells(seed, EPOCHS, variant=variant)
-        torch.manual_seed(seed)
-        models.append(ns["GradConVAE"](1).double())
-        noise_states.append(torch.get_rng_state())
-        torch.manual_seed(seed)
-        model = ns["GradConVAE"](1).double()
-        reference.append(ns["train_gradcon"](model, train, val)[:2])
-    snaps, histories = _load_script().train_together(
-        models, [d[0] for d in data], [d[1] for d in data], SEEDS, epochs=EPOCHS,
-        use_grad_loss=variant.endswith("_grad"), progress=False, grouped=grouped,
-        noise_states=noise_states)
+    models, noise_states, reference = _models_and_reference(gradcon_cells, variant)
+    snaps, histories = _together(models, noise_states, variant, grouped)
     for (ref_snaps, _), s, h in zip(reference, snaps, histories, strict=True):
         assert h[-1]["train_recon"] < h[0]["train_recon"]  # it trained
         for name in ("faithful", "corrected", "last"):
@@ -178,26 +176,6 @@ STOP = 3  # the epoch after which a run is interrupted (its state saved, then st
 
 class Interrupted(Exception):
     pass
-
-
-_REFERENCES: dict[str, tuple] = {}
-
-
-def _models_and_reference(gradcon_cells, variant: str):
-    """Initial models (and, for VAEs, where each one's noise starts) and the notebook's
-    uninterrupted runs of them (computed once per variant)."""
-    if variant not in _REFERENCES:
-        model_class = "GradConVAE" if variant.startswith("vae") else "GradConCAE"
-        models, noise_states, reference = [], [], []
-        for (train, val), seed in zip(_data(), SEEDS, strict=True):
-            ns = gradcon_cells(seed, EPOCHS, variant=variant)
-            torch.manual_seed(seed)
-            models.append(ns[model_class](1).double())
-            noise_states.append(torch.get_rng_state())
-            torch.manual_seed(seed)
-            reference.append(ns["train_gradcon"](ns[model_class](1).double(), train, val)[:2])
-        _REFERENCES[variant] = models, noise_states, reference
-    return _REFERENCES[variant]
 
 
 def _assert_equal_runs(reference, snaps, histories):
@@ -223,12 +201,8 @@ def _interrupted_together(models, noise_states, variant, grouped) -> list[dict]:
         if len(saved) == len(models):
             raise Interrupted
 
-    data = _data()
     with pytest.raises(Interrupted):
-        _load_script().train_together(
-            models, [d[0] for d in data], [d[1] for d in data], SEEDS, epochs=EPOCHS,
-            use_grad_loss=variant.endswith("_grad"), progress=False, grouped=grouped,
-            noise_states=noise_states, save_every=STOP, on_state=on_state)
+        _together(models, noise_states, variant, grouped, save_every=STOP, on_state=on_state)
     assert [saved[i]["epoch"] for i in range(len(models))] == [STOP] * len(models)
     return [saved[i] for i in range(len(models))]
 
@@ -239,11 +213,7 @@ def test_an_interrupted_run_continues_to_the_uninterrupted_one(gradcon_cells, va
     torch.set_num_threads(1)
     models, noise_states, reference = _models_and_reference(gradcon_cells, variant)
     states = _interrupted_together(models, noise_states, variant, grouped)
-    data = _data()
-    snaps, histories = _load_script().train_together(
-        models, [d[0] for d in data], [d[1] for d in data], SEEDS, epochs=EPOCHS,
-        use_grad_loss=variant.endswith("_grad"), progress=False, grouped=grouped,
-        noise_states=noise_states, states=states)
+    snaps, histories = _together(models, noise_states, variant, grouped, states=states)
     _assert_equal_runs(reference, snaps, histories)
 
 
@@ -280,10 +250,8 @@ def test_a_notebook_state_continues_here_beside_a_fresh_model(gradcon_cells, tmp
         ns["train_gradcon"](ns["GradConCAE"](1).double(), train, val, path)
     state = torch.load(path, weights_only=True)
     assert state["epoch"] == STOP
-    data = _data()
-    snaps, histories = _load_script().train_together(
-        models, [d[0] for d in data], [d[1] for d in data], SEEDS, epochs=EPOCHS,
-        progress=False, grouped=True, states=[state, None])
+    snaps, histories = _together(models, noise_states, "cae_grad", grouped=True,
+                                 states=[state, None])
     _assert_equal_runs(reference, snaps, histories)
 
 
