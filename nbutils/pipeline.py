@@ -246,7 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
                         metavar=("NAME", "VALUE"), help="override a notebook parameter")
-    parser.add_argument("--jobs", type=int, default=1, help="notebooks executed at once")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="notebooks executed at once, each with (CPU cores / jobs) threads; "
+                             "run parallel work from one pipeline: two pipelines on the same "
+                             "cores oversubscribe them and can train many times slower")
     parser.add_argument("--force", action="store_true", help="rerun runs that have records")
     parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     parser.add_argument("--notebook-dir", type=Path, default=NOTEBOOK_DIR, help=argparse.SUPPRESS)
