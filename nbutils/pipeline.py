@@ -196,6 +196,21 @@ def execute(job: Job, threads: int | None = None) -> Outcome:
     return Outcome(job, True, time.perf_counter() - start)
 
 
+def busy_cpu_warning(n_jobs: int) -> str | None:
+    """A warning when the CPU already carries about a full load before these jobs start:
+    another pipeline or training would share the cores and every run would slow down."""
+    cores = os.cpu_count() or 1
+    try:
+        load = os.getloadavg()[0]  # one-minute average of runnable processes
+    except (AttributeError, OSError):  # not available on this platform
+        return None
+    if load < cores - 0.5:
+        return None
+    return (f"warning: the CPU is already busy (load {load:.1f} on {cores} cores) before these "
+            f"{n_jobs} job(s) start; if another pipeline or training is running, every run will "
+            "be slower. Run parallel work from one pipeline with --jobs.")
+
+
 def run(jobs: list[Job], n_jobs: int = 1, force: bool = False) -> list[Outcome]:
     """Execute the jobs that are not done yet (all with ``force``), ``n_jobs`` at a time."""
     from tqdm.auto import tqdm
@@ -206,6 +221,8 @@ def run(jobs: list[Job], n_jobs: int = 1, force: bool = False) -> list[Outcome]:
         print(f"{skipped} of {len(jobs)} runs already have records: skipped (--force reruns)")
     if not todo:
         return []
+    if warning := busy_cpu_warning(n_jobs):
+        print(warning, file=sys.stderr)
     threads = max(1, (os.cpu_count() or 1) // max(1, n_jobs))
     outcomes: list[Outcome] = []
     bar = tqdm(total=len(todo), desc="runs", unit="run")

@@ -108,3 +108,12 @@ def test_bad_options_give_clear_errors(project, capsys):
     assert "unknown profile 'nosuch'; known:" in capsys.readouterr().err
     assert _main(project, "--classes", "eleven") == 2
     assert "unknown class 'eleven'" in capsys.readouterr().err
+
+
+def test_busy_cpu_is_warned_about_before_jobs_start(monkeypatch):
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(pipeline.os, "getloadavg", lambda: (2.1, 1.0, 0.5))
+    warning = pipeline.busy_cpu_warning(1)
+    assert warning and "load 2.1 on 2 cores" in warning and "--jobs" in warning
+    monkeypatch.setattr(pipeline.os, "getloadavg", lambda: (0.3, 1.0, 0.5))
+    assert pipeline.busy_cpu_warning(1) is None
