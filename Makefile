@@ -7,13 +7,14 @@ STAMP  := $(VENV)/.installed
 JOBS   ?= 2
 export PYTHONUNBUFFERED := 1
 
-.PHONY: all book test lint setup clean paper help
+.PHONY: all book test lint setup clean paper help export
 all: help
 
 help:
 	@echo "make book   - set up .venv, execute every chapter (quick profile, CPU, offline), build HTML"
 	@echo "make test   - set up .venv, run lint, unit tests, notebook smoke runs and a tiny book build"
 	@echo "make paper  - execute the paper profile (needs the data sets in DATA_DIR; meant for a GPU)"
+	@echo "make export - write nbutils/methods/*.py from the notebooks' #| export cells"
 	@echo "make clean  - remove build outputs and quick-profile runs (keeps .venv and data)"
 
 setup: $(STAMP)
@@ -34,6 +35,10 @@ book: $(STAMP)
 paper: $(STAMP)
 	$(PY) -m nbutils.pipeline --profile paper --jobs $(JOBS)
 	$(PY) -m nbutils.book
+
+# the chapters' `#| export` cells -> nbutils/methods/*.py (make test fails when they are stale)
+export: $(STAMP)
+	$(PY) -m nbutils.export
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
