@@ -4,9 +4,11 @@
     python -m nbutils.pipeline --profile paper --notebook gradcon --classes 4 --seeds 0 1 2
     python -m nbutils.pipeline --profile quick --list           # what would run, what is done
 
-A profile (``nbutils/profiles/<name>.yml``, or a path) lists *sweeps*: a notebook, its
-parameters, the classes and the seeds. Each run writes an executed notebook and its run record
-to ``<runs-dir>/<profile>/<notebook>/<dataset>[-<tag>]/class<k>_seed<s>.{ipynb,json}``, so
+A profile is a name declared in the chapter manifest (``nbutils/chapters.yml``: each chapter's
+run sets per profile) or a path to a YAML file of your own with a ``sweeps`` list; a sweep
+names a notebook, its parameters, the classes and the seeds. Each run writes an executed
+notebook and its run record to
+``<runs-dir>/<profile>/<notebook>/<dataset>[-<tag>]/class<k>_seed<s>.{ipynb,json}``, so
 profiles never mix. A run whose record exists is skipped (``--force`` reruns it); a failed
 run keeps its executed notebook for inspection, the others go on, and the command exits 1.
 """
@@ -23,11 +25,11 @@ from pathlib import Path
 
 import yaml
 
+from nbutils.chapters import ManifestError, load_manifest
 from nbutils.config import PROJECT_ROOT
 from nbutils.data import dataset_info, resolve_class
 from nbutils.records import is_complete_record, read_record
 
-PROFILE_DIR = Path(__file__).with_name("profiles")
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 DEFAULT_RUNS_DIR = PROJECT_ROOT / "book" / "runs"
 KERNEL = "python3"  # ipykernel's own kernel: the Python that runs the pipeline
@@ -61,18 +63,26 @@ class Outcome:
     message: str = ""
 
 
-def available_profiles() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.yml"))
+def available_profiles(manifest: Path | None = None) -> list[str]:
+    """The profiles the chapter manifest declares (smoke, quick, paper)."""
+    return list(load_manifest(manifest).profiles)
 
 
-def load_profile(profile: str) -> tuple[str, dict]:
-    """A profile by name (``quick``, ``paper``, ...) or by path to a YAML file."""
+def load_profile(profile: str, manifest: Path | None = None) -> tuple[str, dict]:
+    """A profile by name (``quick``, ``paper``, ...: the manifest's run sets of every chapter)
+    or by path to a YAML file with a ``sweeps`` list. A manifest profile's spec has
+    ``from_manifest: True``: its sweeps of chapters without a notebook are not planned."""
     path = Path(profile)
     if not (path.suffix in (".yml", ".yaml") and path.exists()):
-        path = PROFILE_DIR / f"{profile}.yml"
-    if not path.exists():
-        raise PipelineError(f"unknown profile {profile!r}; known: "
-                            f"{', '.join(available_profiles())} (or a path to a .yml file)")
+        try:
+            chapters = load_manifest(manifest)
+        except ManifestError as err:
+            raise PipelineError(str(err)) from err
+        if profile not in chapters.profiles:
+            raise PipelineError(f"unknown profile {profile!r}; known: "
+                                f"{', '.join(chapters.profiles)} (or a path to a .yml file)")
+        return profile, {"description": chapters.profiles[profile], "from_manifest": True,
+                         "sweeps": chapters.profile_sweeps(profile)}
     spec = yaml.safe_load(path.read_text()) or {}
     if not isinstance(spec.get("sweeps"), list):
         raise PipelineError(f"profile {path} has no 'sweeps' list")
@@ -100,9 +110,13 @@ def _classes(spec, dataset: str) -> list[int]:
 def plan(profile: str, runs_dir: Path = DEFAULT_RUNS_DIR, notebooks: list[str] | None = None,
          classes: list | None = None, seeds: list[int] | None = None,
          overrides: dict | None = None, notebook_dir: Path = NOTEBOOK_DIR,
-         tags: list[str] | None = None) -> list[Job]:
-    """Expand a profile into jobs (filtered by notebook, sweep tag, class and seed)."""
-    name, spec = load_profile(profile)
+         tags: list[str] | None = None, manifest: Path | None = None) -> list[Job]:
+    """Expand a profile into jobs (filtered by notebook, sweep tag, class and seed). A
+    manifest profile leaves out the chapters whose notebook is not in ``notebook_dir``."""
+    name, spec = load_profile(profile, manifest)
+    if spec.get("from_manifest"):
+        spec["sweeps"] = [s for s in spec["sweeps"]
+                          if (Path(notebook_dir) / f"{s['notebook']}.ipynb").exists()]
     if notebooks:
         known = {s.get("notebook") for s in spec["sweeps"]}
         for nb in notebooks:
@@ -256,7 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m nbutils.pipeline",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--profile", default="quick",
-                        help=f"profile name ({', '.join(available_profiles())}) or YAML path")
+                        help=f"profile name ({', '.join(available_profiles())}: each chapter's "
+                             "run sets in nbutils/chapters.yml) or the path of a YAML file "
+                             "with your own 'sweeps'")
     parser.add_argument("--notebook", nargs="+", help="only these notebooks")
     parser.add_argument("--tag", nargs="+", help="only the sweeps with these tags")
     parser.add_argument("--classes", nargs="+", help="only these classes (index or name)")
@@ -270,11 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rerun runs that have records")
     parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     parser.add_argument("--notebook-dir", type=Path, default=NOTEBOOK_DIR, help=argparse.SUPPRESS)
+    parser.add_argument("--manifest", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--list", action="store_true", help="show the plan and exit")
     args = parser.parse_args(argv)
     try:
         jobs = plan(args.profile, args.runs_dir, args.notebook, args.classes, args.seeds,
-                    {k: yaml.safe_load(v) for k, v in args.parameter}, args.notebook_dir, args.tag)
+                    {k: yaml.safe_load(v) for k, v in args.parameter}, args.notebook_dir, args.tag,
+                    args.manifest)
     except (PipelineError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -117,3 +117,87 @@ def test_busy_cpu_is_warned_about_before_jobs_start(monkeypatch):
     assert warning and "load 2.1 on 2 cores" in warning and "--jobs" in warning
     monkeypatch.setattr(pipeline.os, "getloadavg", lambda: (0.3, 1.0, 0.5))
     assert pipeline.busy_cpu_warning(1) is None
+
+
+MANIFEST = """
+profiles:
+  demo: a profile of the test manifest
+  other: another
+chapters:
+  - notebook: tiny
+    title: Tiny chapter
+    metrics:
+      auroc: {label: tiny score, reference: auroc}
+    runs:
+      demo:
+        - tag: a
+          classes: [0, 1]
+          seeds: [0, 1]
+          parameters: {dataset: digits}
+        - tag: b
+          note: the same with another x
+          classes: [2]
+          parameters: {dataset: digits, x: 2}
+  - notebook: ghost
+    title: A chapter whose notebook is not written yet
+    runs:
+      demo:
+        - classes: all
+          parameters: {dataset: digits}
+"""
+
+
+@pytest.fixture
+def manifest(project):
+    root, _, _ = project
+    path = root / "chapters.yml"
+    path.write_text(MANIFEST)
+    return path
+
+
+def test_profiles_and_plan_come_from_the_manifest(project, manifest):
+    root, nb_dir, _ = project
+    assert pipeline.available_profiles(manifest) == ["demo", "other"]
+    jobs = pipeline.plan("demo", root / "runs", notebook_dir=nb_dir, manifest=manifest)
+    # the ghost chapter has no notebook: it is not planned, and nothing fails
+    assert [j.output.relative_to(root / "runs").as_posix() for j in jobs] == [
+        "demo/tiny/digits-a/class0_seed0.ipynb", "demo/tiny/digits-a/class0_seed1.ipynb",
+        "demo/tiny/digits-a/class1_seed0.ipynb", "demo/tiny/digits-a/class1_seed1.ipynb",
+        "demo/tiny/digits-b/class2_seed0.ipynb"]
+    assert jobs[-1].parameters == {"dataset": "digits", "x": 2, "normal_class": 2, "seed": 0,
+                                   "profile": "demo"}
+    assert pipeline.plan("other", root / "runs", notebook_dir=nb_dir, manifest=manifest) == []
+    assert [j.name for j in pipeline.plan("demo", root / "runs", notebook_dir=nb_dir,
+                                          manifest=manifest, tags=["b"])] == [
+        "tiny/digits-b/class2_seed0"]
+    # a notebook that exists is planned from the same manifest entry
+    (nb_dir / "ghost.ipynb").write_text((nb_dir / "tiny.ipynb").read_text())
+    jobs = pipeline.plan("demo", root / "runs", notebook_dir=nb_dir, manifest=manifest)
+    assert {j.notebook for j in jobs} == {"tiny", "ghost"}
+
+
+def test_manifest_errors_are_clear(project, manifest, capsys):
+    root, nb_dir, _ = project
+    assert pipeline.main(["--profile", "nosuch", "--manifest", str(manifest)]) == 2
+    assert "unknown profile 'nosuch'; known: demo, other" in capsys.readouterr().err
+    manifest.write_text(MANIFEST.replace("tag: b", "tag: a"))
+    with pytest.raises(pipeline.PipelineError, match="share a folder"):
+        pipeline.plan("demo", root / "runs", notebook_dir=nb_dir, manifest=manifest)
+    manifest.write_text(MANIFEST.replace("      demo:\n        - tag: a", "      paper:\n        - tag: a"))
+    with pytest.raises(pipeline.PipelineError, match="undeclared profile 'paper'"):
+        pipeline.plan("demo", root / "runs", notebook_dir=nb_dir, manifest=manifest)
+
+
+def test_the_books_manifest_declares_every_chapter_in_every_profile():
+    from nbutils.chapters import load_manifest
+
+    chapters = load_manifest()
+    assert list(chapters.profiles) == ["smoke", "quick", "paper"]
+    present = chapters.present()
+    assert {"baselines", "fisher_kernel", "gradcon", "flow_llr"} <= {c.notebook for c in present}
+    for chapter in present:
+        assert set(chapter.runs) == {"smoke", "quick", "paper"}, chapter.notebook
+        assert chapter.metrics and all(m.label for m in chapter.metrics), chapter.notebook
+        assert not any(m.label == m.key for m in chapter.metrics)  # labels in words
+    for profile in chapters.profiles:  # every run set expands (data sets and classes resolve)
+        assert {j.notebook for j in pipeline.plan(profile)} == {c.notebook for c in present}
