@@ -1,5 +1,8 @@
-"""Every chapter executes through papermill (smoke profile) and the book builds with -W."""
+"""Every chapter executes through papermill (smoke profile) and the book builds with -W; the
+table of contents, the run-set pages and the results pages follow the chapter manifest."""
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -8,11 +11,14 @@ import pytest
 import yaml
 
 from nbutils import book, pipeline
+from nbutils.chapters import load_manifest
 from nbutils.config import PROJECT_ROOT
-from nbutils.records import read_record
+from nbutils.records import make_record, read_record, write_record
 
 NOTEBOOKS = sorted(p for p in (PROJECT_ROOT / "notebooks").glob("*.ipynb"))
-CHAPTERS = [p.stem for p in NOTEBOOKS if p.stem != "results"]
+MANIFEST = load_manifest()
+CHAPTERS = [c.notebook for c in MANIFEST.present()]
+RESULTS = ["results"] + [c.results for c in MANIFEST.present() if c.results]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -24,16 +30,85 @@ def test_source_notebook_is_clean_and_parameterised(path):
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
 
 
-@pytest.mark.parametrize("profile", ["smoke", "quick", "paper"])
-def test_every_chapter_is_in_every_profile(profile):
-    _, spec = pipeline.load_profile(profile)
-    assert set(CHAPTERS) <= {s["notebook"] for s in spec["sweeps"]}
+def test_every_notebook_is_a_chapter_or_a_results_page_of_the_manifest():
+    assert {p.stem for p in NOTEBOOKS} == set(CHAPTERS) | set(RESULTS)
+    for chapter in MANIFEST.present():
+        assert (PROJECT_ROOT / f"{chapter.page}.md").exists(), chapter.page
 
 
-def test_chapters_have_a_page_and_a_place_in_the_book():
-    for name in CHAPTERS:
-        assert (PROJECT_ROOT / "book" / "chapters" / f"{name}.md").exists()
-        assert name in dict(book.CHAPTERS)
+# --- the book's structure from a manifest, without Sphinx ------------------------------------
+
+TINY_MANIFEST = """
+profiles:
+  quick: quick runs
+chapters:
+  - notebook: baselines
+    title: Tiny baselines
+    metrics:
+      auroc.knn: k-NN distance
+      au_pro: AU-PRO, defect regions
+    runs:
+      quick:
+        - tag: t
+          note: two classes, two seeds
+          classes: [0, 1]
+          seeds: [0, 1]
+          parameters: {dataset: digits}
+  - notebook: not_written_yet
+    title: A chapter without a notebook
+    runs:
+      quick:
+        - classes: [0]
+          parameters: {dataset: digits}
+"""
+
+
+def _fake_run(runs_dir: Path, notebook: str, run_set: str, cls: int, seed: int,
+              metrics: dict, dataset: str = "digits", profile: str = "quick") -> Path:
+    folder = runs_dir / profile / notebook / run_set
+    record = make_record(method=notebook, variant="v", dataset=dataset, normal_class=cls,
+                         protocol="full", seed=seed, profile=profile, params={"epochs": 3},
+                         metrics=metrics, timings={"s": 1.0}, device="cpu: test",
+                         data={"source": "digits: /home/someone/data/digits"})
+    write_record(record, folder / f"class{cls}_seed{seed}.json")
+    page = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"# Run {cls} {seed}")])
+    nbformat.write(page, folder / f"class{cls}_seed{seed}.ipynb")
+    return folder / f"class{cls}_seed{seed}.ipynb"
+
+
+def test_toc_and_run_set_pages_come_from_the_manifest(tmp_path):
+    manifest_path = tmp_path / "chapters.yml"
+    manifest_path.write_text(TINY_MANIFEST)
+    manifest = load_manifest(manifest_path)
+    runs = tmp_path / "book" / "runs"
+    pages = [_fake_run(runs, "baselines", "digits-t", c, s, {"auroc": 0.5, "auroc.knn": 0.6 + c / 10,
+                                                               "au_pro": 0.7})
+             for c in (0, 1) for s in (0, 1)]
+    _fake_run(runs, "not_written_yet", "digits", 0, 0, {"auroc": 0.9})
+    (runs / "quick" / "baselines" / "digits-t" / "class1_seed1.json").write_text('{"half')  # failed
+
+    published = book.write_run_set_pages(tmp_path, runs, PROJECT_ROOT / "notebooks", manifest)
+    toc = book.build_toc(tmp_path, runs, PROJECT_ROOT / "notebooks", manifest)
+    methods = next(p for p in toc["parts"] if p["caption"] == "Methods")["chapters"]
+    # only the chapter whose notebook exists; its run set, the runs below it (not the failed one)
+    assert [c["file"] for c in methods] == ["book/chapters/baselines"]
+    [run_set] = methods[0]["sections"]
+    assert run_set["file"] == "book/generated/runs/quick/baselines/digits-t"
+    assert [s["file"] for s in run_set["sections"]] == [
+        p.relative_to(tmp_path).with_suffix("").as_posix() for p in pages[:3]]
+    assert list(published) == ["baselines"]
+
+    text = (tmp_path / "book/generated/runs/quick/baselines/digits-t.md").read_text()
+    assert text.startswith("# Tiny baselines: run set `digits-t`\n\nTwo classes, two seeds.")
+    assert "k-NN distance" in text and "AU-PRO, defect regions" in text  # labels, not keys
+    assert "auroc.knn" not in text
+    for page in pages[:3]:  # every number links to its executed page
+        assert f"</{page.relative_to(tmp_path).with_suffix('').as_posix()}>`" in text
+    assert "3 of 4 planned" in text and "$DATA_DIR/digits" in text
+    assert "/home/someone" not in text and str(tmp_path) not in text
+
+
+# --- the smoke runs and the tiny book ---------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -71,16 +146,40 @@ def test_every_chapter_executes_with_tiny_parameters(smoke_book):
 @pytest.mark.slow
 def test_book_builds_without_warnings(smoke_book):
     root, jobs, _ = smoke_book
-    toc = yaml.safe_load(book.write_toc(root, root / "book" / "runs",
-                                        PROJECT_ROOT / "notebooks").read_text())
-    listed = {s["file"] for part in toc["parts"] for ch in part["chapters"]
-              for s in ch.get("sections", [])}
-    assert {str(j.output.relative_to(root).with_suffix("")) for j in jobs} <= listed
-    book.execute_results(root, root / "book" / "runs", PROJECT_ROOT / "notebooks")
-    index = book.build_html(root)
-    html = (root / "_build" / "html" / "book" / "generated" / "results.html").read_text()
-    assert index.exists() and "Per-class tables" in html and "smoke" in html
-    assert "<img" in html and "runs_dir" not in html
+    runs = root / "book" / "runs"
+    book.write_run_set_pages(root, runs, PROJECT_ROOT / "notebooks")
+    toc = yaml.safe_load(book.write_toc(root, runs, PROJECT_ROOT / "notebooks").read_text())
+    methods = next(p for p in toc["parts"] if p["caption"] == "Methods")["chapters"]
+    assert [c["file"].removeprefix("book/chapters/") for c in methods] == CHAPTERS
+    for name in book.results_notebooks(PROJECT_ROOT / "notebooks"):
+        book.execute_results(root, runs, PROJECT_ROOT / "notebooks", name)
+    index = book.build_html(root, jobs=2)
+    html = root / "_build" / "html"
+    results = (html / "book" / "generated" / "results.html").read_text()
+    assert index.exists() and "Per-class tables" in results and "smoke" in results
+    assert "<img" in results and "runs_dir" not in results
+    assert "The run sets side by side" in (html / "book/generated/gradcon_results.html").read_text()
+
+    # each executed page is built and linked from its run set's page
+    for job in jobs:
+        page = job.output.relative_to(root).with_suffix(".html")
+        assert (html / page).exists(), page
+        run_set = (html / "book/generated/runs/smoke" / job.notebook /
+                   f"{job.output.parent.name}.html").read_text()
+        assert f'href="../../../../runs/smoke/{job.notebook}/{job.output.parent.name}/' \
+               f'{job.output.stem}.html"' in run_set
+    pages = list(html.rglob("*.html"))
+    for path in pages:
+        text = path.read_text()
+        # the sidebar lists chapters and run sets (levels 1 and 2), never the executed pages
+        assert "toctree-l3" not in text, path
+        # math renders offline: no script comes from a CDN (MathJax is served from _static)
+        assert not re.findall(r'<script[^>]*src="(?:https?:)?//', text), path
+    assert (html / "_static" / "mathjax" / "tex-chtml.js").exists()
+    assert 'src="../_static/mathjax/tex-chtml.js' in (html / "book" / "intro.html").read_text()
+    # the generated pages name folders of the project, not of the machine that built them
+    for path in [*html.glob("book/generated/**/*.html")]:
+        assert str(root) not in path.read_text(), path
 
 
 def test_source_notebooks_pass_ruff():
@@ -93,14 +192,17 @@ def test_source_notebooks_pass_ruff():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _output_text(notebook: Path) -> str:
+    return "\n".join(str(o.get("data", {}).get(kind, "")) + str(o.get("text", ""))
+                     for kind in ("text/markdown", "text/plain", "text/html")
+                     for c in nbformat.read(notebook, as_version=4).cells
+                     for o in c.get("outputs", []))
+
+
 @pytest.mark.slow
 def test_results_page_leaves_a_run_set_under_way_out_of_the_means(smoke_book, tmp_path):
-    """One record of a run set whose profile plans ten classes: the results page must say the
+    """One record of a run set whose profile plans ten classes: the results pages must say the
     seed is under way and give no mean, instead of passing one class off as the run set."""
-    import json
-
-    import nbformat
-
     _, jobs, _ = smoke_book
     source = next(j for j in jobs if j.notebook == "gradcon").record
     quick = next(j for j in pipeline.plan("quick", tmp_path / "runs") if j.notebook == "gradcon")
@@ -110,7 +212,39 @@ def test_results_page_leaves_a_run_set_under_way_out_of_the_means(smoke_book, tm
     quick.record.parent.mkdir(parents=True)
     quick.record.write_text(json.dumps(record))
     out = book.execute_results(tmp_path / "page", tmp_path / "runs", PROJECT_ROOT / "notebooks")
-    text = "\n".join(str(o.get("data", {}).get(kind, "")) for kind in ("text/markdown", "text/plain")
-                     for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
-    assert f"Seed {record['seed']} has 1 of 10 classes so far" in text
-    assert "1 of 10" in text  # the side-by-side table's class count
+    assert f"Seed {record['seed']} has 1 of 10 classes so far" in _output_text(out)
+    out = book.execute_results(tmp_path / "page", tmp_path / "runs", PROJECT_ROOT / "notebooks",
+                               "gradcon_results")
+    assert "1 of 10" in _output_text(out)  # the side-by-side table's class count
+
+
+@pytest.mark.slow
+def test_results_page_shows_any_declared_metric_beside_its_reference(tmp_path):
+    """A chapter that declares AU-PRO and pixel AUROC (EfficientAD's metrics): the results
+    page tabulates them under their labels, beside the published numbers of that metric."""
+    manifest = tmp_path / "chapters.yml"
+    manifest.write_text("""
+profiles:
+  quick: quick runs
+chapters:
+  - notebook: baselines
+    title: A segmentation chapter
+    reference: efficientad
+    metrics:
+      auroc: {label: image-level score, reference: auroc}
+      auroc.pixel: pixel-level AUROC
+      au_pro: {label: AU-PRO up to 30% false positives, reference: au_pro}
+""")
+    runs = tmp_path / "page" / "book" / "runs"
+    for seed in (0, 1):
+        _fake_run(runs, "baselines", "mvtec", 0, seed, dataset="mvtec",
+                  metrics={"auroc": 0.9, "auroc.pixel": 0.95 + seed / 100, "au_pro": 0.812})
+    out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks",
+                               manifest=manifest)
+    text = _output_text(out)
+    assert "AU-PRO up to 30% false positives" in text and "0.812" in text
+    assert "pixel-level AUROC" in text and "0.955 ± 0.007" in text
+    assert "this book: AU-PRO up to 30% false positives" in text
+    assert "EfficientAD paper (Batzner et al., WACV 2024) (EfficientAD-M)" in text
+    assert "0.935" in text  # its published AU-PRO
+    assert str(tmp_path) not in text and "/home/someone" not in text
