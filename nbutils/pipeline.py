@@ -16,8 +16,11 @@ run keeps its executed notebook for inspection, the others go on, and the comman
 from __future__ import annotations
 
 import argparse
+import functools
 import os
+import shutil
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -26,13 +29,14 @@ from pathlib import Path
 import yaml
 
 from nbutils.chapters import ManifestError, load_manifest
-from nbutils.config import PROJECT_ROOT
+from nbutils.config import PROJECT_ROOT, portable_paths
 from nbutils.data import dataset_info, resolve_class
-from nbutils.records import is_complete_record, read_record
+from nbutils.records import is_complete_record, portable_notebook, read_record
 
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 DEFAULT_RUNS_DIR = PROJECT_ROOT / "book" / "runs"
 KERNEL = "python3"  # ipykernel's own kernel: the Python that runs the pipeline
+PAGE_LIMIT_KB = 400  # a newly executed page larger than this is flagged in the summary
 
 
 class PipelineError(ValueError):
@@ -61,6 +65,7 @@ class Outcome:
     ok: bool
     seconds: float
     message: str = ""
+    warnings: list[str] = field(default_factory=list)
 
 
 def available_profiles(manifest: Path | None = None) -> list[str]:
@@ -158,7 +163,8 @@ def provenance_markdown(record: dict) -> str:
     return (
         "```{admonition} Provenance of this page\n:class: note\n"
         f"Profile **{record['profile']}** · data **{record['dataset']}** "
-        f"({data.get('source', 'see record')}) · normal class **{record['normal_class']}** · "
+        f"({portable_paths(data.get('source', 'see record'))}) · "
+        f"normal class **{record['normal_class']}** · "
         f"protocol {record['protocol']} · seed **{record['seed']}** · "
         f"device **{record['device']}** · run {record['date']} · commit `{record['git_commit']}` "
         f"(code `{record.get('code_sha', '?')}`) "
@@ -183,8 +189,92 @@ def add_provenance(notebook_path: Path, record: dict) -> None:
     nbformat.write(nb, notebook_path)
 
 
+def collapse_redraws(text: str) -> str:
+    """A stream as a terminal leaves it: a carriage return redraws its line (a progress bar's
+    updates), so only the last state of each line is kept, overlaid as JupyterLab shows it."""
+    lines = []
+    for line in text.replace("\r\n", "\n").split("\n"):
+        shown = ""
+        for part in line.split("\r"):
+            shown = part + shown[len(part):]
+        lines.append(shown)
+    return "\n".join(lines)
+
+
+def tidy_page(path: Path, roots: dict[str, str] | None = None) -> None:
+    """Make an executed page fit to publish: adjacent stream outputs of a cell are joined and
+    their progress-bar redraws collapsed (:func:`collapse_redraws`), and every absolute path of
+    this machine becomes relative to the project or the data root
+    (:func:`nbutils.records.portable_notebook`)."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    for cell in nb.cells:
+        outputs = []
+        for out in cell.get("outputs", []):
+            previous = outputs[-1] if outputs else None
+            if (out.output_type == "stream" and previous is not None
+                    and previous.output_type == "stream" and previous.name == out.name):
+                previous.text += out.text
+            else:
+                outputs.append(out)
+        for out in outputs:
+            if out.output_type == "stream":
+                out.text = collapse_redraws(out.text)
+        if cell.cell_type == "code":
+            cell.outputs = outputs
+    nbformat.write(nbformat.from_dict(portable_notebook(nb, roots)), path)
+
+
+@functools.cache
+def page_kernel_manager():
+    """The kernel manager each page's kernel is started with. It differs from jupyter_client's
+    default in two ways, each removing at its source a line every run used to log:
+
+    * the kernel listens on IPC sockets (files in a private temporary folder) instead of TCP
+      ports on localhost, so ipykernel has no cause to warn "Kernel is running over TCP without
+      encryption" (on Windows, which lacks them, it stays on TCP);
+    * it is stopped by a shutdown request alone. jupyter_client first interrupts (SIGINT) a
+      kernel it shuts down; a kernel still finishing a message (after a cell raised it aborts its
+      queue) then logs "KeyboardInterrupt caught in kernel". nbclient shuts a kernel down when
+      the notebook is done, and a kernel that does not stop in time is still killed; interrupts
+      at other times (an execution timeout) are sent as before.
+    """
+    from jupyter_client.manager import AsyncKernelManager
+
+    class PageKernelManager(AsyncKernelManager):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self._socket_dir = None
+            if os.name == "posix":
+                self._socket_dir = tempfile.mkdtemp(prefix="nbutils-kernel-")
+                self.transport = "ipc"
+                self.ip = os.path.join(self._socket_dir, "kernel")
+
+        async def _async_interrupt_kernel(self) -> None:
+            if not self.shutting_down:
+                await super()._async_interrupt_kernel()
+
+        async def _async_cleanup_resources(self, restart: bool = False) -> None:
+            await super()._async_cleanup_resources(restart=restart)
+            if self._socket_dir and not restart:
+                shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    return PageKernelManager
+
+
+def _project_relative(path: Path) -> str:
+    """A path as the kernel (started in the project root) and a published page name it."""
+    path = Path(path).resolve()
+    try:
+        return path.relative_to(PROJECT_ROOT).as_posix()
+    except ValueError:  # a runs folder outside the project: only an absolute path finds it
+        return str(path)
+
+
 def execute(job: Job, threads: int | None = None) -> Outcome:
-    """Run one notebook with papermill; succeed only if it wrote a complete record."""
+    """Run one notebook with papermill; succeed only if it wrote a complete record. The page
+    is tidied (:func:`tidy_page`), failed or not, and flagged when over ``PAGE_LIMIT_KB``."""
     import papermill as pm
 
     if threads:
@@ -197,17 +287,28 @@ def execute(job: Job, threads: int | None = None) -> Outcome:
     start = time.perf_counter()
     try:
         pm.execute_notebook(str(job.source), str(job.output),
-                            parameters={**job.parameters, "record_path": str(job.record)},
-                            kernel_name=KERNEL, progress_bar=False, cwd=str(PROJECT_ROOT))
+                            parameters={**job.parameters,
+                                        "record_path": _project_relative(job.record)},
+                            kernel_name=KERNEL, progress_bar=False, cwd=str(PROJECT_ROOT),
+                            kernel_manager_class=page_kernel_manager())
     except Exception as err:  # the executed notebook is kept, with the error in it
         message = str(err).strip().splitlines()
+        if job.output.exists():
+            tidy_page(job.output)
         return Outcome(job, False, time.perf_counter() - start,
                        (message[-1] if message else type(err).__name__)[:300])
+    tidy_page(job.output)
     if not is_complete_record(job.record):
         return Outcome(job, False, time.perf_counter() - start,
                        f"notebook finished but wrote no complete record at {job.record}")
     add_provenance(job.output, read_record(job.record))
-    return Outcome(job, True, time.perf_counter() - start)
+    outcome = Outcome(job, True, time.perf_counter() - start)
+    size_kb = job.output.stat().st_size / 1000
+    if size_kb > PAGE_LIMIT_KB:
+        outcome.warnings.append(
+            f"page {job.name} is {size_kb:.0f} KB (over {PAGE_LIMIT_KB} KB): make its figures "
+            "smaller (size, dpi) or print less; large pages make the book slow to build and read")
+    return outcome
 
 
 def busy_cpu_warning(n_jobs: int) -> str | None:
@@ -263,6 +364,7 @@ def summarise(outcomes: list[Outcome]) -> str:
     failed = [o for o in outcomes if not o.ok]
     lines = [f"{len(outcomes) - len(failed)} succeeded, {len(failed)} failed"]
     lines += [f"  FAILED {o.job.name}: {o.message}\n    see {o.job.output}" for o in failed]
+    lines += [f"  warning: {w}" for o in outcomes for w in o.warnings]
     return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from nbutils.config import PROJECT_ROOT
+from nbutils.config import PROJECT_ROOT, path_roots, portable
 
 SCHEMA = 1
 REQUIRED = ("schema", "method", "variant", "dataset", "normal_class", "protocol", "seed",
@@ -95,15 +95,17 @@ def _jsonable(value: Any) -> Any:
 def make_record(*, method: str, variant: str, dataset: str, normal_class: int, protocol: str,
                 seed: int, profile: str, params: dict, metrics: dict, timings: dict,
                 device: str, data: dict | None = None, extra: dict | None = None) -> dict:
-    """Assemble a complete record; versions, commit and date are filled in here."""
+    """Assemble a complete record; versions, commit and date are filled in here. Paths in
+    ``params``, ``data`` and ``extra`` are written relative to the project or the data root
+    (:func:`nbutils.config.portable_paths`): a record names no folder of its machine."""
     return _jsonable({
         "schema": SCHEMA, "method": method, "variant": variant, "dataset": dataset,
         "normal_class": int(normal_class), "protocol": protocol, "seed": int(seed),
-        "profile": profile, "params": params, "metrics": metrics, "timings": timings,
-        "device": device, "data": data or {}, "versions": library_versions(),
-        "git_commit": git_commit(), "code_sha": code_sha(), "host": platform.node(),
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "extra": extra or {},
+        "profile": profile, "params": portable(_jsonable(params)), "metrics": metrics,
+        "timings": timings, "device": device, "data": portable(_jsonable(data or {})),
+        "versions": library_versions(), "git_commit": git_commit(), "code_sha": code_sha(),
+        "host": platform.node(), "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "extra": portable(_jsonable(extra or {})),
     })
 
 
@@ -175,6 +177,91 @@ def records_table(root: str | os.PathLike):
         row["path"] = str(path)
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+# Output data that is base64, not text: left alone when paths are rewritten.
+BINARY_MIME = ("image/png", "image/jpeg", "image/gif", "image/webp", "image/bmp",
+               "application/pdf")
+
+
+def portable_notebook(nb: dict, roots: dict[str, str] | None = None) -> dict:
+    """A notebook (dict or ``NotebookNode``) with :func:`nbutils.config.portable_paths`
+    applied to every text in it (sources, outputs, tracebacks, metadata such as papermill's
+    ``input_path`` and parameters); base64 images are left as they are."""
+    roots = path_roots() if roots is None else roots
+
+    def walk(value):
+        if isinstance(value, dict):
+            return {k: v if k in BINARY_MIME else walk(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v) for v in value]
+        return portable(value, roots)
+    return walk(dict(nb))
+
+
+def absolute_paths(text: str, roots: dict[str, str] | None = None) -> list[str]:
+    """The absolute folders of this machine (:func:`nbutils.config.path_roots`, and any
+    ``/home/<user>``, ``/Users/<user>``, ``/root`` or ``/work/<folder>``) that ``text`` names."""
+    import re
+
+    roots = path_roots() if roots is None else roots
+    found = {r for r in roots if r in text}
+    found |= set(re.findall(r"(?<![\w.$~/-])(?:/home/[\w.-]+|/Users/[\w.-]+|/root|/work/[\w.-]+)"
+                            r"(?=/|(?![\w.-]))", text))
+    return sorted(found)
+
+
+def _page_text(nb: dict) -> str:
+    """Every text of a notebook, base64 images left out (they are not text)."""
+    def walk(value):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k not in BINARY_MIME:
+                    yield from walk(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from walk(v)
+        elif isinstance(value, str):
+            yield value
+    return "\n".join(walk(nb))
+
+
+def published_text(path: str | os.PathLike) -> str:
+    """The text of a record (``.json``) or an executed page (``.ipynb``, images left out)."""
+    raw = Path(path).read_text(encoding="utf-8")
+    return _page_text(json.loads(raw)) if str(path).endswith(".ipynb") else raw
+
+
+def _json_format(raw: str) -> dict:
+    """How a JSON file was written, so that a rewrite changes only what it must."""
+    data = json.loads(raw)
+    for kw in ({"indent": 1, "ensure_ascii": False}, {"indent": 1},
+               {"indent": 1, "sort_keys": True, "ensure_ascii": False},
+               {"indent": 1, "sort_keys": True}, {"indent": 2}):
+        text = json.dumps(data, **kw)
+        if raw in (text, text + "\n"):
+            return {**kw, "newline": raw.endswith("\n")}
+    raise ValueError("written in an unknown JSON format")
+
+
+def make_portable(path: str | os.PathLike, roots: dict[str, str] | None = None) -> bool:
+    """Rewrite the absolute paths in one record or executed page in place (see
+    :func:`nbutils.config.portable_paths`); every other byte stays as it was. Return whether
+    the file changed."""
+    path = Path(path)
+    raw = path.read_text(encoding="utf-8")
+    fmt = _json_format(raw)
+    newline = fmt.pop("newline")
+    data = json.loads(raw)
+    data = portable_notebook(data, roots) if path.suffix == ".ipynb" else portable(data, roots)
+    text = json.dumps(data, **fmt) + ("\n" if newline else "")
+    if text == raw:
+        return False
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return True
 
 
 def default_record_path(method: str, dataset: str, normal_class: int, seed: int,
