@@ -88,6 +88,20 @@ def test_making_a_record_portable_changes_only_its_paths(tmp_path):
     assert path.read_text() == json.dumps({**record, "data": after["data"]}, indent=1)
 
 
+def test_committed_pages_and_records_name_no_absolute_path():
+    runs = PROJECT_ROOT / "book" / "runs"
+    needles = [b"/work/", b"/root/", b"/home/", b"/Users/", str(PROJECT_ROOT).encode()]
+    offenders = {}
+    for path in sorted(runs.rglob("*")):
+        if path.suffix not in (".json", ".ipynb") or not any(n in path.read_bytes()
+                                                              for n in needles):
+            continue  # the cheap byte test first: most files have no candidate at all
+        if found := absolute_paths(published_text(path)):
+            offenders[str(path.relative_to(runs))] = found
+    assert not offenders, f"absolute paths in published runs (see nbutils.records."\
+                          f"make_portable): {dict(list(offenders.items())[:5])}"
+
+
 def test_redraws_collapse_to_the_last_state_of_each_line():
     bar = "".join(f"\rtrain: {i:3d}%" for i in range(0, 101, 10))
     assert pipeline.collapse_redraws(bar + "\nloss 0.1\n") == "train: 100%\nloss 0.1\n"
