@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nbutils.config import data_dir
+from nbutils.config import data_dir, path_roots, portable_paths
 
 PROTOCOLS = ("full", "gradcon50")
 DIGIT_NAMES = [str(i) for i in range(10)]
@@ -260,7 +260,10 @@ def _load_svhn(root: Path) -> dict[str, ImageSet]:
 
 
 # MVTec AD layout: <category>/train/good/*.png, <category>/test/<defect>/*.png,
-# <category>/ground_truth/<defect>/<name>_mask.png (no masks for test/good).
+# <category>/ground_truth/<defect>/<name>_mask.png (no masks for test/good). Any folder in this
+# layout under the MVTec root is a category: the 15 of MVTec AD, or a user's own images.
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def mvtec_root(root: Path) -> Path:
@@ -271,57 +274,142 @@ def mvtec_root(root: Path) -> Path:
     return root / "mvtec"
 
 
-def _read_png(path: Path) -> np.ndarray:
+def mvtec_categories(data_root: str | Path | None = None) -> list[str]:
+    """The 15 MVTec AD categories (fixed indices 0-14), then every other folder under the MVTec
+    root (``DATA_DIR/mvtec/<category>``: your own data in MVTec's layout), sorted by name."""
+    base = mvtec_root(data_dir(data_root))
+    extra = sorted(p.name for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")
+                   and ".tmp-" not in p.name and p.name not in MVTEC_CATEGORIES) \
+        if base.is_dir() else []
+    return MVTEC_CATEGORIES + extra
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.stem.endswith("_mask")) if folder.is_dir() else []
+
+
+def _mask_path(folder: Path, kind: str, image: Path) -> Path | None:
+    """``ground_truth/<kind>/<name>_mask.png`` (or another image format) if it exists."""
+    for suffix in IMAGE_SUFFIXES:
+        path = folder / "ground_truth" / kind / f"{image.stem}_mask{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+def check_mvtec_category(folder: Path) -> dict[str, list[Path]]:
+    """Validate one category in MVTec AD's layout and list its images per test kind (``good``
+    first). A :class:`DataMissingError` names everything that is missing and where it goes:
+    normal images in ``train/good`` and ``test/good``, defective ones in ``test/<defect>``, and
+    for each defective image a mask ``ground_truth/<defect>/<name>_mask.png`` (white = defect)."""
+    folder = Path(folder)
+    problems = []
+    if not _images(folder / "train" / "good"):
+        problems.append(f"no training images: put normal (defect-free) images in "
+                        f"{folder / 'train' / 'good'}/")
+    if not _images(folder / "test" / "good"):
+        problems.append(f"no normal test images: put defect-free test images in "
+                        f"{folder / 'test' / 'good'}/")
+    kinds = {"good": _images(folder / "test" / "good")}
+    test = folder / "test"
+    for d in sorted(test.iterdir() if test.is_dir() else []):
+        if d.is_dir() and d.name != "good" and _images(d):
+            kinds[d.name] = _images(d)
+    if len(kinds) == 1:
+        problems.append(f"no defective test images: put them in {test}/<defect type>/ (one "
+                        "folder per kind of defect, e.g. test/scratch/)")
+    missing = [folder / "ground_truth" / kind / f"{img.stem}_mask.png"
+               for kind, images in kinds.items() if kind != "good"
+               for img in images if _mask_path(folder, kind, img) is None]
+    if missing:
+        shown = "\n".join(f"    {m}" for m in missing[:5])
+        more = f"\n    ... and {len(missing) - 5} more" if len(missing) > 5 else ""
+        problems.append(f"{len(missing)} defective test image(s) without a mask (every image "
+                        f"test/<defect>/<name> needs ground_truth/<defect>/<name>_mask.png, "
+                        f"white where the defect is); missing:\n{shown}{more}")
+    if problems:
+        raise DataMissingError(
+            f"the MVTec-layout category {folder.name!r} at {folder} is incomplete:\n"
+            + "\n".join(f"  - {p}" for p in problems))
+    return kinds
+
+
+def _read_image(path: Path, channels: int, size: tuple[int, int] | None) -> np.ndarray:
+    """One image of any size, mode and bit depth as (C, H, W) float32 in [0, 1], resized to
+    ``size`` (H, W) like :func:`resize` does."""
     from PIL import Image
 
     with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
-
-
-def _read_mask(path: Path, shape: tuple[int, int], anomalous: bool) -> np.ndarray:
-    from PIL import Image
-
-    if not anomalous:  # MVTec has no masks for good images
-        return np.zeros(shape, dtype=np.uint8)
-    if not path.exists():
-        raise DataMissingError(f"mask {path} is missing (every defect image needs one)")
-    with Image.open(path) as img:
-        return (np.asarray(img.convert("L")) > 127).astype(np.uint8)
-
-
-def load_mvtec_category(folder: Path, image_size: int | None = None) -> dict:
-    """Read one category in MVTec AD's layout; masks are resized with nearest neighbour."""
-    if not (folder / "train" / "good").is_dir():
-        raise DataMissingError(f"no MVTec-layout category at {folder} (missing train/good/)")
-    if not (folder / "test").is_dir():
-        raise DataMissingError(f"no test/ folder in the MVTec-layout category {folder}")
-    train = [_read_png(p) for p in sorted((folder / "train" / "good").glob("*.png"))]
-    test, labels, kinds, masks = [], [], [], []
-    defect_types = sorted(d.name for d in (folder / "test").iterdir() if d.is_dir())
-    defect_types = ["good"] + [d for d in defect_types if d != "good"]
-    for kind_index, kind in enumerate(defect_types):
-        for path in sorted((folder / "test" / kind).glob("*.png")):
-            img = _read_png(path)
-            test.append(img)
-            labels.append(int(kind != "good"))
-            kinds.append(kind_index)
-            masks.append(_read_mask(folder / "ground_truth" / kind / f"{path.stem}_mask.png",
-                                    img.shape[:2], kind != "good"))
-    if not train or not test:
-        raise DataMissingError(f"{folder} has no train/good or test images")
-    x_train = resize(_to_float(np.stack(train)), image_size)
-    x_test = resize(_to_float(np.stack(test)), image_size)
-    m = np.stack(masks)
-    if image_size is not None and m.shape[-1] != image_size:
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float greyscale
+            grey = np.asarray(img, dtype=np.float32)
+            x = grey / (65535.0 if grey.max() > 255 else 255.0)
+            x = x[None] if channels == 1 else np.repeat(x[None], 3, axis=0)
+        else:
+            x = np.asarray(img.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255
+            x = x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+    x = np.clip(x, 0, 1)[None]
+    if size is not None and x.shape[-2:] != size:
         import torch
         import torch.nn.functional as F
 
-        m = F.interpolate(torch.from_numpy(m[:, None].astype(np.float32)),
-                          size=(image_size, image_size), mode="nearest")[:, 0].numpy()
-        m = m.astype(np.uint8)
-    return {"train": x_train, "test": x_test, "labels": np.asarray(labels, dtype=np.int64),
-            "kinds": np.asarray(kinds, dtype=np.int64), "masks": m,
-            "defect_types": defect_types}
+        x = F.interpolate(torch.from_numpy(np.ascontiguousarray(x)), size=size, mode="bilinear",
+                          antialias=True, align_corners=False).clamp_(0, 1).numpy()
+    return x[0]
+
+
+def _read_mask(path: Path, size: tuple[int, int]) -> np.ndarray:
+    """A mask as (H, W) uint8, 1 = defect: white (or any non-zero value in a 0/1 mask),
+    resized with nearest neighbour."""
+    from PIL import Image
+
+    with Image.open(path) as img:
+        m = np.asarray(img.convert("L") if img.mode not in ("1", "L") else img, dtype=np.uint8)
+    m = (m > (127 if m.max() > 1 else 0)).astype(np.uint8)
+    if m.shape != size:
+        import torch
+        import torch.nn.functional as F
+
+        m = F.interpolate(torch.from_numpy(m[None, None].astype(np.float32)), size=size,
+                          mode="nearest")[0, 0].numpy().astype(np.uint8)
+    return m
+
+
+def load_mvtec_category(folder: Path, image_size: int | None = None, channels: int = 3) -> dict:
+    """Read one category in MVTec AD's layout (validated by :func:`check_mvtec_category`).
+
+    Images of any size, greyscale or colour, are read with ``channels`` channels (3: grey
+    images are repeated; 1: colour images are converted to grey) and resized to
+    ``image_size`` x ``image_size`` (bilinear, antialiased), or, without ``image_size``, to the
+    size of the first training image. Masks are resized with nearest neighbour.
+    """
+    if channels not in (1, 3):
+        raise DataError(f"channels must be 1 or 3, not {channels}")
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataMissingError(f"no MVTec-layout category at {folder} (folder missing)")
+    kinds = check_mvtec_category(folder)
+    train_paths = _images(folder / "train" / "good")
+    if image_size is not None:
+        size = (image_size, image_size)
+    else:
+        from PIL import Image
+
+        with Image.open(train_paths[0]) as first:
+            size = (first.height, first.width)
+    train = np.stack([_read_image(p, channels, size) for p in train_paths])
+    test, labels, kind_index, masks = [], [], [], []
+    for index, (kind, paths) in enumerate(kinds.items()):
+        for path in paths:
+            test.append(_read_image(path, channels, size))
+            labels.append(int(kind != "good"))
+            kind_index.append(index)
+            masks.append(np.zeros(size, dtype=np.uint8) if kind == "good"
+                         else _read_mask(_mask_path(folder, kind, path), size))
+    return {"train": train, "test": np.stack(test), "labels": np.asarray(labels, dtype=np.int64),
+            "kinds": np.asarray(kind_index, dtype=np.int64), "masks": np.stack(masks),
+            "defect_types": list(kinds)}
 
 
 LoaderFn = Callable[[Path], dict[str, ImageSet]]
@@ -354,16 +442,25 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
-def dataset_info(name: str) -> DatasetInfo:
+def dataset_info(name: str, data_root: str | Path | None = None) -> DatasetInfo:
+    """A data set's description; for ``mvtec`` its classes are the categories found in the
+    data root besides MVTec AD's 15 (:func:`mvtec_categories`)."""
     try:
-        return DATASETS[name]
+        info = DATASETS[name]
     except KeyError:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}") from None
+    if name == "mvtec":
+        from dataclasses import replace
+
+        return replace(info, class_names=mvtec_categories(data_root))
+    return info
 
 
-def resolve_class(dataset: str, normal_class: int | str) -> int:
-    """Accept a class index (``4``, ``"4"``) or a class name (``"deer"``, ``"bottle"``)."""
-    names = dataset_info(dataset).class_names
+def resolve_class(dataset: str, normal_class: int | str,
+                  data_root: str | Path | None = None) -> int:
+    """Accept a class index (``4``, ``"4"``) or a class name (``"deer"``, ``"bottle"``, or the
+    folder name of your own category under ``DATA_DIR/mvtec/``)."""
+    names = dataset_info(dataset, data_root).class_names
     if isinstance(normal_class, (int, np.integer)) and not isinstance(normal_class, bool):
         index = int(normal_class)
     elif isinstance(normal_class, str) and normal_class.strip().lstrip("-").isdigit():
@@ -372,8 +469,12 @@ def resolve_class(dataset: str, normal_class: int | str) -> int:
         lowered = [n.lower() for n in names]
         key = str(normal_class).strip().lower()
         if key not in lowered:
+            hint = (f"; or put your own category in MVTec's layout at "
+                    f"{mvtec_root(data_dir(data_root)) / str(normal_class)}/ (train/good, "
+                    "test/good, test/<defect>, ground_truth/<defect>)" if dataset == "mvtec"
+                    else "")
             raise DataError(f"unknown class {normal_class!r} for {dataset}; valid: "
-                            + ", ".join(f"{i}={n}" for i, n in enumerate(names)))
+                            + ", ".join(f"{i}={n}" for i, n in enumerate(names)) + hint)
         index = lowered.index(key)
     if not 0 <= index < len(names):
         raise DataError(f"class {index} is out of range for {dataset} "
@@ -418,29 +519,29 @@ def load_one_class(dataset: str, normal_class: int | str, protocol: str = "full"
     Validation is ``val_fraction`` of the normal training images, drawn with ``seed``.
     ``max_train``/``max_test`` subsample (seeded) for quick runs; anomalies keep their share.
     """
-    info = dataset_info(dataset)
+    info = dataset_info(dataset, data_root)
     if protocol not in PROTOCOLS:
         raise DataError(f"unknown protocol {protocol!r}; known: {', '.join(PROTOCOLS)}")
-    cls = resolve_class(dataset, normal_class)
+    cls = resolve_class(dataset, normal_class, data_root)
     rng = np.random.default_rng(seed)
     root = data_dir(data_root)
     masks = None
     extra: dict = {}
     if info.loader is None:
         folder = _mvtec_folder(dataset, root, info.class_names[cls])
-        cat = load_mvtec_category(folder, image_size)
+        cat = load_mvtec_category(folder, image_size, 1 if channels == 1 else 3)
         normal_train = cat["train"]
         test_x, test_labels, test_classes, masks = (cat["test"], cat["labels"], cat["kinds"],
                                                     cat["masks"])
         extra["defect_types"] = cat["defect_types"]
-        source = f"{info.source}: {folder}"
+        source = f"{info.source}: {portable_paths(str(folder), path_roots(root))}"
     else:
         train = load_images(dataset, "train", root, image_size)
         test = load_images(dataset, "test", root, image_size)
         normal_train = train.x[train.y == cls]
         test_x, test_classes = test.x, test.y
         test_labels = (test.y != cls).astype(np.int64)
-        source = info.source if dataset != "mnist" else f"{info.source}: {root / 'MNIST'}"
+        source = info.source if dataset != "mnist" else f"{info.source}: $DATA_DIR/MNIST"
 
     if protocol == "gradcon50":
         normal_idx = np.flatnonzero(test_labels == 0)
@@ -479,11 +580,14 @@ def _mvtec_folder(dataset: str, root: Path, category: str) -> Path:
             write_synthetic_mvtec(synthetic_root(root), categories=[category])
         return folder
     folder = mvtec_root(root) / category
+    if category not in MVTEC_CATEGORIES:  # the user's own category: its folder exists
+        return folder
     if not (folder / "train" / "good").is_dir():
         raise DataMissingError(
             f"MVTec AD category {category!r} not found at {folder}.\n"
             "MVTec AD cannot be downloaded automatically (its licence must be accepted): get "
             "mvtec_anomaly_detection.tar.xz from https://www.mvtec.com/company/research/"
             f"datasets/mvtec-ad and extract it so that {folder}/train/good/ exists "
-            f"(into {mvtec_root(root)}). Set DATA_DIR to choose another data root.")
+            f"(into {mvtec_root(root)}). Set DATA_DIR to choose another data root. Your own "
+            f"images in MVTec's layout go in {mvtec_root(root)}/<category>/.")
     return folder

@@ -1,5 +1,7 @@
 import hashlib
+import os
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,8 +120,120 @@ def test_mvtec_layout_with_missing_mask_is_an_error(tmp_path):
     root = write_synthetic_mvtec(tmp_path / "mv", categories=["grass"], image_size=32,
                                  n_train=3, n_test_good=2, n_test_per_defect=1)
     next((root / "grass" / "ground_truth").rglob("*_mask.png")).unlink()
-    with pytest.raises(DataMissingError, match="mask .* is missing"):
+    with pytest.raises(DataMissingError, match="1 defective test image.* without a mask"):
         data.load_mvtec_category(root / "grass")
+
+
+def _write_image(path, size, mode, value=None, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "RGB":
+        pixels = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    elif mode == "I;16":
+        pixels = rng.integers(0, 65536, (h, w), dtype=np.uint16)
+    else:
+        pixels = rng.integers(0, 256, (h, w), dtype=np.uint8) if value is None else \
+            np.full((h, w), value, dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def _mask(path, size, scale=255):
+    from PIL import Image
+
+    m = np.zeros(size, dtype=np.uint8)
+    m[size[0] // 3: size[0] // 2, size[1] // 4: size[1] // 2] = scale
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(m).save(path)
+
+
+def _custom_category(data_root, name="widgets"):
+    """A user's own category in MVTec's layout: odd sizes, grey and colour, jpg and png, a
+    16-bit image, 0/255 and 0/1 masks."""
+    folder = data_root / "mvtec" / name
+    _write_image(folder / "train" / "good" / "a.png", (37, 53), "RGB", seed=1)
+    _write_image(folder / "train" / "good" / "b.png", (40, 40), "L", seed=2)
+    _write_image(folder / "train" / "good" / "c.jpg", (29, 61), "RGB", seed=3)
+    _write_image(folder / "train" / "good" / "d.png", (33, 33), "I;16", seed=4)
+    _write_image(folder / "train" / "good" / "e.png", (50, 31), "L", seed=5)
+    _write_image(folder / "test" / "good" / "g1.png", (37, 53), "L", seed=6)
+    _write_image(folder / "test" / "good" / "g2.png", (45, 45), "RGB", seed=7)
+    _write_image(folder / "test" / "dent" / "d1.png", (37, 53), "RGB", seed=8)
+    _mask(folder / "ground_truth" / "dent" / "d1_mask.png", (37, 53))
+    _write_image(folder / "test" / "dent" / "d2.png", (60, 44), "L", seed=9)
+    _mask(folder / "ground_truth" / "dent" / "d2_mask.png", (60, 44), scale=1)
+    return folder
+
+
+def test_own_category_in_mvtec_layout_is_found_and_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("DATA_DIR", str(tmp_path))
+    _custom_category(tmp_path)
+    assert data.dataset_info("mvtec").class_names[-1] == "widgets"
+    assert resolve_class("mvtec", "widgets") == 15 and resolve_class("mvtec", "bottle") == 0
+    split = load_one_class("mvtec", "widgets", image_size=16)
+    assert split.normal_class == 15 and split.normal_class_name == "widgets"
+    assert split.train.shape[1:] == (3, 16, 16) and len(split.train) + len(split.val) == 5
+    assert split.test.shape == (4, 3, 16, 16) and split.test_labels.tolist() == [0, 0, 1, 1]
+    assert split.extra["defect_types"] == ["good", "dent"]
+    assert split.test_masks.shape == (4, 16, 16) and split.test_masks.dtype == np.uint8
+    assert split.test_masks[:2].sum() == 0 and (split.test_masks[2:].sum(axis=(1, 2)) > 0).all()
+    assert split.train.dtype == np.float32 and 0 <= split.train.min() <= split.train.max() <= 1
+    assert split.source == "MVTec AD (folder layout): $DATA_DIR/mvtec/widgets"
+    grey = load_one_class("mvtec", "widgets", image_size=16, channels=1)
+    assert grey.train.shape[1:] == (1, 16, 16) and grey.test.shape == (4, 1, 16, 16)
+
+
+def test_own_category_without_image_size_takes_the_first_training_images_size(tmp_path):
+    folder = _custom_category(tmp_path)
+    cat = data.load_mvtec_category(folder)
+    assert cat["train"].shape == (5, 3, 37, 53) and cat["test"].shape == (4, 3, 37, 53)
+    assert cat["masks"].shape == (4, 37, 53) and set(np.unique(cat["masks"])) == {0, 1}
+    # the 0/255 mask of d1 (already 37x53) is read as it is: a rectangle of ones
+    assert cat["masks"][2].sum() == (37 // 2 - 37 // 3) * (53 // 2 - 53 // 4)
+
+
+def test_own_category_with_a_missing_mask_names_the_file_to_add(tmp_path):
+    folder = _custom_category(tmp_path)
+    (folder / "ground_truth" / "dent" / "d2_mask.png").unlink()
+    with pytest.raises(DataMissingError) as err:
+        load_one_class("mvtec", "widgets", data_root=tmp_path)
+    message = str(err.value)
+    assert "'widgets'" in message and str(folder / "ground_truth" / "dent" / "d2_mask.png") in message
+    assert "1 defective test image(s) without a mask" in message and "d1_mask" not in message
+
+
+def test_incomplete_category_lists_everything_missing(tmp_path):
+    folder = tmp_path / "mvtec" / "parts"
+    _write_image(folder / "test" / "good" / "g.png", (20, 20), "L")
+    with pytest.raises(DataMissingError) as err:
+        load_one_class("mvtec", "parts", data_root=tmp_path)
+    message = str(err.value)
+    assert f"put normal (defect-free) images in {folder / 'train' / 'good'}/" in message
+    assert f"no defective test images: put them in {folder / 'test'}/<defect type>/" in message
+    assert "normal test images" not in message  # test/good is there
+    with pytest.raises(DataError, match=r"unknown class 'gears'.*mvtec/gears/ \(train/good"):
+        load_one_class("mvtec", "gears", data_root=tmp_path)
+
+
+@pytest.fixture
+def mvtec_bottle() -> Path:
+    root = os.environ.get("DATA_DIR")
+    if not root or not (Path(root) / "mvtec" / "bottle" / "ground_truth").is_dir():
+        pytest.skip("real MVTec AD bottle not in DATA_DIR")
+    return Path(root)
+
+
+def test_real_mvtec_bottle(mvtec_bottle):
+    split = load_one_class("mvtec", "bottle", data_root=mvtec_bottle, image_size=32)
+    assert split.normal_class == 0 and len(split.train) + len(split.val) == 209
+    assert split.train.shape[1:] == (3, 32, 32)
+    assert split.extra["defect_types"] == ["good", "broken_large", "broken_small", "contamination"]
+    assert len(split.test) == 83 and int(split.test_labels.sum()) == 63
+    anomalous = split.test_masks[split.test_labels == 1]
+    assert split.test_masks[split.test_labels == 0].sum() == 0
+    assert (anomalous.reshape(63, -1).sum(axis=1) > 0).all()
 
 
 def test_real_mnist_counts(mnist_root):
