@@ -158,7 +158,7 @@ def test_book_builds_without_warnings(smoke_book):
     results = (html / "book" / "generated" / "results.html").read_text()
     assert index.exists() and "Per-class tables" in results and "smoke" in results
     assert "<img" in results and "runs_dir" not in results
-    assert "The run sets side by side" in (html / "book/generated/gradcon_results.html").read_text()
+    assert "GradCon: the run sets side by side" in (html / "book/generated/gradcon_results.html").read_text()
 
     # each executed page is built and linked from its run set's page
     for job in jobs:
