@@ -36,6 +36,19 @@ def test_every_notebook_is_a_chapter_or_a_results_page_of_the_manifest():
         assert (PROJECT_ROOT / f"{chapter.page}.md").exists(), chapter.page
 
 
+def test_manifest_reference_keys_name_published_numbers():
+    from nbutils.reference import load_reference
+
+    published = {(r["method"], r["metric"]) for r in load_reference()["results"]}
+    for chapter in MANIFEST.chapters:
+        if chapter.reference:
+            assert chapter.reference in {m for m, _ in published}, chapter.notebook
+        for metric in chapter.metrics:
+            if metric.reference:
+                assert (chapter.reference, metric.reference) in published, (chapter.notebook,
+                                                                             metric.key)
+
+
 # --- the book's structure from a manifest, without Sphinx ------------------------------------
 
 TINY_MANIFEST = """
