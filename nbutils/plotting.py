@@ -11,11 +11,12 @@ PALETTE = "colorblind"
 
 
 def set_style() -> None:
-    """Seaborn's whitegrid with the colour-blind palette and readable sizes."""
+    """Seaborn's whitegrid with the colour-blind palette and readable sizes. Inline figures at
+    80 dpi keep executed pages lean (the pipeline flags a page over 400 KB); saved files get 150."""
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", palette=PALETTE, context="notebook")
-    plt.rcParams.update({"figure.dpi": 100, "savefig.dpi": 150, "figure.figsize": (6, 4),
+    plt.rcParams.update({"figure.dpi": 80, "savefig.dpi": 150, "figure.figsize": (6, 4),
                          "axes.titlesize": "medium", "image.cmap": "gray"})
 
 
