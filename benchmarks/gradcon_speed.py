@@ -3,17 +3,22 @@
     python benchmarks/gradcon_speed.py book/runs/bench/gradcon_speed_cpu.json --threads 1
 
 Scoring. The official ``gradcon_score`` runs a forward and a backward pass per test image
-(batch size 1) and reads ``.grad`` of the four decoder convolutions. Two vectorised versions
-compute the same numbers for a batch at once: ``torch.func`` (``vmap`` of ``grad``, via
-``nbutils.gradients.per_sample_gradients``) and an explicit batched version (one batched
-backward to every decoder layer's output, then each image's weight gradient as its layer input
-times its unfolded output gradient, one batched matmul per layer; the GradCon notebook's
-method). All three must give identical scores (asserted).
+(batch size 1) and reads ``.grad`` of the four decoder convolutions (the GradCon chapter's
+``official_loop_scores``). Two vectorised versions compute the same numbers for a batch at
+once: ``torch.func`` (``vmap`` of ``grad``; the Fisher-kernel chapter's
+``decoder_gradient_batches``) and an explicit batched version (one batched backward to every
+decoder layer's output, then each image's weight gradient as its layer input times its
+unfolded output gradient, one batched matmul per layer; the GradCon chapter's
+``gradcon_terms``). All three must give identical scores (asserted).
 
 Training. The official loop (a ``DataLoader`` over per-image tensors, four separate
-``autograd.grad`` calls, an ``AverageMeter`` reference) against the notebook's loop (batches
-sliced from one in-memory tensor, one ``autograd.grad`` call for the four weights). Both run
-the same number of iterations from the same initial weights and must reach the same losses.
+``autograd.grad`` calls, an ``AverageMeter`` reference; kept here, as the official code has
+it) against the chapter's ``train_step`` (batches sliced from one in-memory tensor, one
+``autograd.grad`` call for the four weights). Both run the same number of iterations from the
+same initial weights and must reach the same losses.
+
+The model, the scorers and the training step are imported from ``nbutils.methods`` (exported
+from the chapter notebooks); only the official code's own loops live here.
 
 The same model (GradCon's CAE, after a few training iterations) and the same images (MNIST
 test images of one class and others if ``DATA_DIR`` has MNIST, else the embedded digits) are
@@ -33,109 +38,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from nbutils.gradients import cosine_to_reference
-
-DECODER_CONVS = (0, 2, 4, 6)
-
-
-class GradConCAE(nn.Module):
-    """GradCon's convolutional autoencoder (official architecture, 230,721 parameters)."""
-
-    def __init__(self, in_channels: int = 1):
-        super().__init__()
-        self.down = nn.Sequential(
-            nn.Conv2d(in_channels, 32, 4, stride=2, padding=2), nn.ReLU(),
-            nn.Conv2d(32, 32, 4, stride=2, padding=2), nn.ReLU(),
-            nn.Conv2d(32, 64, 4, stride=2, padding=2), nn.ReLU(),
-            nn.Conv2d(64, 64, 4, stride=2, padding=2), nn.ReLU())
-        self.up = nn.Sequential(
-            nn.ConvTranspose2d(64, 64, 4, stride=2, padding=2), nn.ReLU(),
-            nn.ConvTranspose2d(64, 32, 4, stride=2, padding=1), nn.ReLU(),
-            nn.ConvTranspose2d(32, 32, 4, stride=2, padding=2), nn.ReLU(),
-            nn.ConvTranspose2d(32, in_channels, 4, stride=2, padding=1), nn.Sigmoid())
-
-    def forward(self, x):
-        return self.up(self.down(x))
-
-
-def decoder_weights(model: GradConCAE) -> list[torch.Tensor]:
-    return [model.up[i].weight for i in DECODER_CONVS]
-
+from nbutils.methods import gradcon as gc
+from nbutils.methods.fisher_kernel import decoder_gradient_batches
 
 # ----------------------------------------------------------------------------------------
 # Scoring: (reconstruction MSE, -mean over layers of cos(per-image gradient, reference))
 
 
-def score_official_loop(model, x, ref):
-    """Official gradcon_score: one image at a time, full backward, read .grad."""
-    rec, gterm = np.empty(len(x)), np.empty(len(x))
-    for n in range(len(x)):
-        xi = x[n:n + 1]
-        model.zero_grad()
-        loss = F.mse_loss(model(xi), xi)
-        loss.backward()
-        cos = 0.0
-        for w, r in zip(decoder_weights(model), ref, strict=True):
-            cos += F.cosine_similarity(w.grad.view(-1, 1), r.view(-1, 1), dim=0)
-        rec[n] = loss.item()
-        gterm[n] = -(cos / len(ref)).item()
-    model.zero_grad(set_to_none=True)
-    return rec, gterm
-
-
-def per_sample_grads_batched(model, x):
-    """Per-image MSE losses and per-image gradients wrt the decoder conv weights, batched."""
-    n = len(x)
-    with torch.no_grad():
-        h = model.down(x)
-    inputs, outputs = [], []
-    for layer in model.up:
-        if isinstance(layer, nn.ConvTranspose2d):
-            inputs.append(h.detach())
-            h = layer(h)
-            outputs.append(h)
-        else:
-            h = layer(h)
-    losses = (h - x).pow(2).flatten(1).mean(1)
-    deltas = torch.autograd.grad(losses.sum(), outputs)
-    grads = []
-    for i, a, d in zip(DECODER_CONVS, inputs, deltas, strict=True):
-        # weight gradient of a transposed convolution: correlate its input with the output
-        # gradient; unfold the output gradient into patches, then one batched matmul
-        conv = model.up[i]
-        cin, cout, k, _ = conv.weight.shape
-        patches = F.unfold(d, k, stride=conv.stride, padding=conv.padding)  # (n, cout*k*k, L)
-        grads.append(torch.bmm(a.flatten(2), patches.transpose(1, 2)).view(n, cin, cout, k, k))
-    return losses.detach(), grads
-
-
-def _terms(losses, grads, ref):
-    cos = torch.stack([cosine_to_reference(g, r) for g, r in zip(grads, ref, strict=True)])
-    return losses.double().cpu().numpy(), (-cos.mean(0)).double().cpu().numpy()
-
-
-def score_batched(model, x, ref, batch_size=256):
-    parts = [_terms(*per_sample_grads_batched(model, x[s:s + batch_size]), ref)
-             for s in range(0, len(x), batch_size)]
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-
-
 def score_torch_func(model, x, ref, batch_size=128):
-    from nbutils.gradients import per_sample_gradients
-
-    names = [f"up.{i}.weight" for i in DECODER_CONVS]
+    """The scores from ``torch.func`` gradients (``vmap`` of ``grad``), batch by batch."""
     rec, gterm = [], []
-    for s in range(0, len(x), batch_size):
-        xb = x[s:s + batch_size]
-        g = per_sample_gradients(model, lambda out, t: F.mse_loss(out, t), xb, names,
-                                 batch_size=batch_size)
-        with torch.no_grad():
-            losses = (model(xb) - xb).pow(2).flatten(1).mean(1)
-        r, t = _terms(losses, [g[n] for n in names], ref)
-        rec.append(r)
-        gterm.append(t)
+    for losses, grads in decoder_gradient_batches(model, x, batch_size):
+        cos = torch.stack([cosine_to_reference(g, r) for g, r in zip(grads, ref, strict=True)])
+        rec.append(losses.double().cpu().numpy())
+        gterm.append((-cos.mean(0)).double().cpu().numpy())
     return np.concatenate(rec), np.concatenate(gterm)
 
 
@@ -158,7 +76,7 @@ class AverageMeter:
 def train_official(model, loader, iters, alpha=0.03, lr=1e-3, device="cpu"):
     """The official train(): four autograd.grad calls, AverageMeter references."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    ref = [AverageMeter(w) for w in decoder_weights(model)]
+    ref = [AverageMeter(w) for w in gc.decoder_weights(model)]
     losses, it = [], 0
     while it < iters:
         for data, target in loader:
@@ -192,32 +110,18 @@ def _git_commit() -> str:
     return git_commit()
 
 
-def train_vectorised(model, x, iters, batch_size=64, alpha=0.03, lr=1e-3, order=None):
-    """The notebook's train loop: in-memory batches, one autograd.grad call for all layers."""
+def train_chapter(model, x, iters, batch_size=64, alpha=0.03, lr=1e-3):
+    """``iters`` iterations of the chapter's ``train_step`` on the batches of ``x`` in order
+    (no shuffling, as the official loader here): in-memory batches, one autograd.grad call."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    weights = decoder_weights(model)
-    ref_sum, count = [torch.zeros_like(w) for w in weights], 0
-    losses, it = [], 0
-    while it < iters:
+    weights = gc.decoder_weights(model)
+    ref = gc.RunningMean(weights)
+    losses = []
+    while len(losses) < iters:
         for s in range(0, len(x), batch_size):
-            xb = x[order[s:s + batch_size]] if order is not None else x[s:s + batch_size]
-            opt.zero_grad(set_to_none=True)
-            rec = F.mse_loss(model(xb), xb)
-            if count:
-                grads = torch.autograd.grad(rec, weights, create_graph=True)
-                gl = -torch.stack([F.cosine_similarity(g.reshape(1, -1), r.reshape(1, -1) / count)[0]
-                                   for g, r in zip(grads, ref_sum, strict=True)]).mean()
-            else:
-                gl = torch.zeros((), device=xb.device)
-            loss = rec + alpha * gl
-            loss.backward()
-            for r, w in zip(ref_sum, weights, strict=True):
-                r += w.grad
-            count += 1
-            opt.step()
+            loss, _, _ = gc.train_step(model, opt, ref, weights, x[s:s + batch_size], alpha)
             losses.append(loss.item())
-            it += 1
-            if it == iters:
+            if len(losses) == iters:
                 break
     return losses
 
@@ -290,7 +194,7 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     split, x = load_images(args.n_images, args.seed)
     x = x.to(dev)
-    model = GradConCAE(x.shape[1]).to(dev)
+    model = gc.make_model("cae_grad", x.shape[1], dev)
     n_params = sum(p.numel() for p in model.parameters())
 
     # Training: both loops from the same initial weights, on the same batches (no shuffling).
@@ -300,7 +204,7 @@ def main(argv=None) -> int:
     x_u8 = torch.from_numpy((split.train * 255).round().astype(np.uint8).astype(np.float32) / 255).to(dev)
     timings = {}
     loops = (("official", lambda n: train_official(model, loader, n, device=dev)),
-             ("vectorised", lambda n: train_vectorised(model, x_u8, n)))
+             ("vectorised", lambda n: train_chapter(model, x_u8, n)))
     for _, fn in loops:  # warm-up, so that neither loop pays for start-up
         model.load_state_dict(init)
         fn(3)
@@ -323,13 +227,12 @@ def main(argv=None) -> int:
 
     # Scoring: the model after those iterations; reference = its mean training gradient.
     model.eval()
-    ref = [torch.zeros_like(w) for w in decoder_weights(model)]
-    _, grads = per_sample_grads_batched(model, torch.from_numpy(split.train[:512]).to(dev))
+    _, grads = gc.per_sample_decoder_grads(model, torch.from_numpy(split.train[:512]).to(dev))
     ref = [g.mean(0) for g in grads]
-    methods = {"official_loop": lambda: score_official_loop(model, x, ref),
+    methods = {"official_loop": lambda: gc.official_loop_scores(model, x, ref),
                "torch_func_vmap": lambda: score_torch_func(model, x, ref),
-               "batched_unfold": lambda: score_batched(model, x, ref, args.batch_size)}
-    for fn in (score_official_loop, score_torch_func, score_batched):
+               "batched_unfold": lambda: gc.gradcon_terms(model, x, ref, args.batch_size)}
+    for fn in (gc.official_loop_scores, score_torch_func, gc.gradcon_terms):
         fn(model, x[:16], ref)  # warm-up: kernels loaded, cuDNN plans chosen
     scoring, outs = {}, {}
     for name, fn in methods.items():

@@ -1,7 +1,8 @@
 """GradCon and the Fisher-kernel chapter: the pieces that must be exactly right (fast, CPU).
 
-The model, the vectorised scorer and both training loops are the ones of
-``benchmarks/gradcon_speed.py``, which mirror the GradCon notebook's cells.
+The model, the vectorised scorer, the training loop and the probe are the chapters' own
+(``nbutils.methods.gradcon`` and ``nbutils.methods.fisher_kernel``, exported from the
+notebooks); the official code's training loop is the one of ``benchmarks/gradcon_speed.py``.
 """
 
 import importlib.util
@@ -13,11 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nbutils.methods import fisher_kernel as fk
+from nbutils.methods import gradcon as gc
+
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("gradcon_speed",
                                                ROOT / "benchmarks" / "gradcon_speed.py")
-gs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gs)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
 
 
 @pytest.fixture(autouse=True)
@@ -31,25 +35,30 @@ def _one_thread():
 @pytest.fixture
 def model():
     torch.manual_seed(0)
-    return gs.GradConCAE(1).eval()
+    return gc.make_model("cae_grad", 1).eval()
 
 
 def test_cae_parameter_count():
-    n = sum(p.numel() for p in gs.GradConCAE(1).parameters())
+    n = sum(p.numel() for p in gc.GradConCAE(1).parameters())
     assert n == 230_721  # "about 231k"
     x = torch.rand(2, 1, 28, 28)
-    assert gs.GradConCAE(1)(x).shape == x.shape
-    assert gs.GradConCAE(3)(torch.rand(2, 3, 28, 28)).shape == (2, 3, 28, 28)
+    assert gc.GradConCAE(1)(x).shape == x.shape
+    assert gc.GradConCAE(3)(torch.rand(2, 3, 28, 28)).shape == (2, 3, 28, 28)
+    assert type(gc.make_model("vae", 1)) is gc.GradConVAE
+    assert type(gc.make_model("cae", 3)) is gc.GradConCAE
+    with pytest.raises(ValueError):
+        gc.make_model("ae", 1)
 
 
 def test_vectorised_gradients_equal_one_sample_loop(model):
     from nbutils.gradients import loop_gradients, per_sample_gradients
 
     x = torch.rand(6, 1, 28, 28)
-    names = [f"up.{i}.weight" for i in gs.DECODER_CONVS]
+    names = gc.GRAD_PARAMS
+    assert names == [f"up.{i}.weight" for i in (0, 2, 4, 6)]
     loop = loop_gradients(model, lambda o, t: F.mse_loss(o, t), x, names)
     func = per_sample_gradients(model, lambda o, t: F.mse_loss(o, t), x, names)
-    losses, grouped = gs.per_sample_grads_batched(model, x)
+    losses, grouped = gc.per_sample_decoder_grads(model, x)
     for name, g in zip(names, grouped, strict=True):
         scale = loop[name].abs().max()
         assert torch.allclose(g, loop[name], atol=1e-6 * scale, rtol=1e-4)
@@ -59,62 +68,92 @@ def test_vectorised_gradients_equal_one_sample_loop(model):
 
 def test_vectorised_scores_equal_official_loop(model):
     x = torch.rand(10, 1, 28, 28)
-    ref = [torch.randn_like(w) for w in gs.decoder_weights(model)]
-    rec_loop, g_loop = gs.score_official_loop(model, x, ref)
-    rec_vec, g_vec = gs.score_batched(model, x, ref, batch_size=4)
+    ref = [torch.randn_like(w) for w in gc.decoder_weights(model)]
+    rec_loop, g_loop = gc.official_loop_scores(model, x, ref)
+    rec_vec, g_vec = gc.gradcon_terms(model, x, ref, batch_size=4)
     np.testing.assert_allclose(rec_vec, rec_loop, rtol=1e-5)
     np.testing.assert_allclose(g_vec, g_loop, atol=1e-5)
     assert np.all(np.abs(g_vec) <= 1 + 1e-6)
+    # the torch.func scorer of the speed benchmark (the Fisher chapter's gradients) too
+    rec_func, g_func = bench.score_torch_func(model, x, ref, batch_size=4)
+    np.testing.assert_allclose(rec_func, rec_loop, rtol=1e-5)
+    np.testing.assert_allclose(g_func, g_loop, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["cae_grad", "vae_grad"])
+def test_the_chapters_float64_scorer_check(variant):
+    """The check the chapter shows (``compare_scorers``), with its thresholds, on both models:
+    vectorised == one image at a time == torch.func to rounding, in float64."""
+    torch.manual_seed(0)
+    m = gc.make_model(variant, 1).double().eval()
+    x = torch.rand(12, 1, 28, 28, dtype=torch.float64)
+    ref = gc.mean_train_gradient(m, torch.rand(40, 1, 28, 28, dtype=torch.float64))
+    c = gc.compare_scorers(m, x, ref)
+    (r_vec, g_vec), (r_loop, g_loop) = c["vectorised"], c["loop"]
+    assert c["grads_vs_loop"] < 1e-8 and c["grads_vs_func"] < 1e-8
+    assert np.allclose(r_vec, r_loop, rtol=1e-8, atol=1e-12)
+    assert np.allclose(g_vec, g_loop, rtol=1e-8, atol=1e-10)
+    assert np.ptp(g_vec) > 0  # not a degenerate case
 
 
 def test_gradient_loss_zero_first_then_finite():
     torch.manual_seed(0)
     x = torch.rand(32, 1, 28, 28)
-    m = gs.GradConCAE(1)
-    weights = gs.decoder_weights(m)
-    ref_sum, count = [torch.zeros_like(w) for w in weights], 0
+    m = gc.make_model("cae_grad", 1)
+    weights = gc.decoder_weights(m)
+    ref = gc.RunningMean(weights)
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
     grad_losses = []
-    for it in range(3):
-        xb = x[it * 8:(it + 1) * 8]
-        opt.zero_grad()
-        rec = F.mse_loss(m(xb), xb)
-        if count == 0:
-            gl = torch.zeros(())
-        else:
-            grads = torch.autograd.grad(rec, weights, create_graph=True)
-            gl = -torch.stack([F.cosine_similarity(g.reshape(1, -1), r.reshape(1, -1) / count)[0]
-                               for g, r in zip(grads, ref_sum, strict=True)]).mean()
-        (rec + 0.03 * gl).backward()
-        for r, w in zip(ref_sum, weights, strict=True):
-            r += w.grad
-        count += 1
-        opt.step()
+    for it in range(3):  # the chapter's training iteration
+        _, _, gl = gc.train_step(m, opt, ref, weights, x[it * 8:(it + 1) * 8], alpha=0.03)
         grad_losses.append(float(gl.detach()))
+    assert ref.count == 3
     assert grad_losses[0] == 0.0
     assert all(np.isfinite(g) and -1 - 1e-6 <= g <= 1 + 1e-6 for g in grad_losses[1:])
     assert grad_losses[1] != 0.0
     # the second-order term reaches the encoder too (create_graph=True is real)
     assert all(p.grad is not None for p in m.down.parameters())
+    # the chapter's visible check of the same: zero before any history, then in [-1, 1]
+    for variant in ("cae_grad", "vae_grad"):
+        gl = gc.gradient_loss_after_one_update(gc.make_model(variant, 1), x[:8])
+        assert np.isfinite(gl) and gl != 0.0 and abs(gl) <= 1 + 1e-5
+
+
+def test_the_gradient_loss_gets_a_second_order_gradient():
+    """create_graph=True: J's gradient includes the derivative through the gradient loss, so
+    the training step differs from one on the reconstruction loss alone (alpha = 0)."""
+    torch.manual_seed(0)
+    x = torch.rand(16, 1, 28, 28)
+    init = gc.make_model("cae_grad", 1).state_dict()
+    grads = {}
+    for alpha in (0.0, 0.03):
+        m = gc.make_model("cae_grad", 1)
+        m.load_state_dict(init)
+        weights = gc.decoder_weights(m)
+        ref = gc.RunningMean(weights)
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)  # weights stay: same point twice
+        gc.train_step(m, opt, ref, weights, x[:8], alpha=alpha)
+        gc.train_step(m, opt, ref, weights, x[8:], alpha=alpha)
+        grads[alpha] = m.down[0].weight.grad.clone()
+    assert not torch.allclose(grads[0.0], grads[0.03])
 
 
 def test_official_and_vectorised_training_agree():
     torch.manual_seed(1)
     images = (torch.rand(64, 1, 28, 28) * 255).round().to(torch.uint8).numpy()
     x = torch.from_numpy(images.astype(np.float32) / 255)
-    loader = torch.utils.data.DataLoader(gs._PerImage(images), batch_size=16, shuffle=False)
-    m = gs.GradConCAE(1)
+    loader = torch.utils.data.DataLoader(bench._PerImage(images), batch_size=16, shuffle=False)
+    m = gc.GradConCAE(1)
     init = {k: v.clone() for k, v in m.state_dict().items()}
-    l_off = gs.train_official(m, loader, 5)
+    l_off = bench.train_official(m, loader, 5)
     m.load_state_dict(init)
-    l_vec = gs.train_vectorised(m, x, 5, batch_size=16)
+    l_vec = bench.train_chapter(m, x, 5, batch_size=16)
     np.testing.assert_allclose(l_off, l_vec, rtol=1e-4)
 
 
 def test_fisher_information_linear_gaussian_closed_form():
-    """Score of x = Wz + b + N(0, s^2): autograd == closed form; MC Fisher == closed form."""
-    from torch.func import grad, vmap
-
+    """Score of x = Wz + b + N(0, s^2): autograd == closed form; MC Fisher == closed form
+    (the Fisher chapter's functions)."""
     g = torch.Generator().manual_seed(0)
     d, k, s, n = 2, 2, 0.7, 100_000
     W = torch.randn(d, k, generator=g, dtype=torch.float64)
@@ -124,34 +163,45 @@ def test_fisher_information_linear_gaussian_closed_form():
     z = mu + torch.randn(n, k, generator=g, dtype=torch.float64) @ L.T
     x = z @ W.T + b + s * torch.randn(n, d, generator=g, dtype=torch.float64)
 
-    def log_lik(p, xi, zi):
-        return -0.5 * ((xi - p["W"] @ zi - p["b"]) ** 2).sum() / s**2
-
-    u = vmap(grad(log_lik), in_dims=(None, 0, 0))({"W": W, "b": b}, x, z)
-    U = torch.cat([u["W"], u["b"][:, :, None]], dim=2).reshape(n, -1)
+    U = fk.linear_gaussian_scores({"W": W, "b": b}, x, z, s)
+    assert U.shape == (n, d * (k + 1))
+    # the closed form, written out here once more as the independent reference
     zt = torch.cat([z, torch.ones(n, 1, dtype=torch.float64)], 1)
     resid = (x - z @ W.T - b) / s**2
     assert torch.allclose(U, (resid[:, :, None] * zt[:, None, :]).reshape(n, -1), atol=1e-10)
+    assert torch.allclose(U, fk.linear_gaussian_score_closed_form({"W": W, "b": b}, x, z, s),
+                          atol=1e-10)
     second = torch.ones(k + 1, k + 1, dtype=torch.float64)
     second[:k, :k] = L @ L.T + torch.outer(mu, mu)
     second[:k, k] = second[k, :k] = mu
     F_exact = torch.kron(torch.eye(d, dtype=torch.float64), second) / s**2
+    assert torch.equal(fk.linear_gaussian_fisher(mu, L, s, d), F_exact)
     F_mc = U.T @ U / n
     assert torch.linalg.norm(F_mc - F_exact) / torch.linalg.norm(F_exact) < 0.03
     z_mean = U.mean(0).abs() / (U.std(0) / np.sqrt(n))
     assert z_mean.max() < 5  # E[U] = 0 under the model
     # F = I exactly when mu = 0, Sigma = I, s = 1: the F = I kernel is then the Fisher kernel
-    second_id = torch.eye(k + 1, dtype=torch.float64)
-    assert torch.allclose(torch.kron(torch.eye(d, dtype=torch.float64), second_id),
+    assert torch.allclose(fk.linear_gaussian_fisher(torch.zeros(k, dtype=torch.float64),
+                                                    torch.eye(k, dtype=torch.float64), 1.0, d),
                           torch.eye(d * (k + 1), dtype=torch.float64))
     # normalised Fisher kernel == plain cosine of whitened scores
     Uf = U[:50]
     Fi = torch.linalg.inv(F_exact)
     K = Uf @ Fi @ Uf.T
     Kn = K / torch.sqrt(torch.outer(torch.diag(K), torch.diag(K)))
-    ev, V = torch.linalg.eigh(F_exact)
-    Uw = Uf @ V @ torch.diag(ev.rsqrt()) @ V.T
+    assert torch.allclose(fk.normalised_kernel(K), Kn, atol=1e-12)
+    Uw = fk.whitened(Uf, F_exact)
     assert torch.allclose(Kn, F.cosine_similarity(Uw[:, None], Uw[None], dim=2), atol=1e-10)
+
+
+def test_fisher_decoder_gradients_equal_the_gradcon_scorer(model):
+    """The Fisher chapter's torch.func gradients are the GradCon chapter's batched ones."""
+    x = torch.rand(7, 1, 28, 28)
+    (losses, grads), = list(fk.decoder_gradient_batches(model, x, batch_size=16))
+    ref_losses, ref_grads = gc.per_sample_decoder_grads(model, x)
+    assert torch.allclose(losses, ref_losses, rtol=1e-6)
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert torch.allclose(g, r.flatten(1), atol=1e-6 * float(r.abs().max()), rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["gradcon", "fisher_kernel"])
@@ -177,7 +227,7 @@ def test_notebook_contract(name):
 
 def _interrupting_trange(after: int):
     """A ``trange`` that raises KeyboardInterrupt once ``after`` epochs have finished."""
-    from tqdm.auto import trange
+    trange = gc.trange
 
     class Interrupting:
         def __init__(self, *args, **kwargs):
@@ -195,7 +245,7 @@ def _interrupting_trange(after: int):
 
 
 @pytest.mark.parametrize("variant", ["cae_grad", "vae_grad"])
-def test_interrupted_training_resumes_exactly(gradcon_cells, tmp_path, variant):
+def test_interrupted_training_resumes_exactly(tmp_path, monkeypatch, variant):
     """A run interrupted after epoch 3 and resumed from its saved state equals the
     uninterrupted run: history, snapshots (weights and references) and the final weights.
     The VAE samples from torch's global generator, so its state must travel too."""
@@ -203,18 +253,19 @@ def test_interrupted_training_resumes_exactly(gradcon_cells, tmp_path, variant):
     train = torch.rand(100, 1, 28, 28, generator=gen, dtype=torch.float64)
     val = torch.rand(40, 1, 28, 28, generator=gen, dtype=torch.float64)
     state = tmp_path / "run.state.pt"
+    config = gc.TrainConfig(seed=3, epochs=5, variant=variant, save_every=1)
 
-    def run(ns, path):
+    def run(path):
         torch.manual_seed(3)
-        return ns["train_gradcon"](ns["make_model"]().double(), train, val, path)
+        return gc.train_gradcon(gc.make_model(variant, 1).double(), train, val, config, path)
 
-    whole = run(gradcon_cells(3, 5, variant=variant, save_every=1), None)
-    cut = gradcon_cells(3, 5, variant=variant, save_every=1, trange=_interrupting_trange(3))
-    with pytest.raises(KeyboardInterrupt):
-        run(cut, state)
+    whole = run(None)
+    with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+        patched.setattr(gc, "trange", _interrupting_trange(3))
+        run(state)
     assert torch.load(state, weights_only=True)["epoch"] == 3
     torch.manual_seed(123)  # whatever happened since: the state restores the generators
-    resumed = run(gradcon_cells(3, 5, variant=variant, save_every=1), state)
+    resumed = run(state)
 
     assert [h["epoch"] for h in resumed[1]] == [1, 2, 3, 4, 5]
     assert resumed[1] == whole[1]
@@ -227,40 +278,39 @@ def test_interrupted_training_resumes_exactly(gradcon_cells, tmp_path, variant):
             assert torch.equal(a, b), name
 
 
-def test_mean_output_initialisation_moves_only_the_output_bias(gradcon_cells):
+def test_mean_output_initialisation_moves_only_the_output_bias():
     """init="mean_output": the output bias becomes logit(mean pixel) per channel, nothing else
     changes, and the untrained network's output is then about as bright as the images."""
-    ns = gradcon_cells(0, 1)
     torch.manual_seed(0)
-    m = ns["make_model"]()
+    m = gc.make_model("cae_grad", 1)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     x = torch.rand(50, 1, 28, 28) ** 6  # mostly dark, as MNIST
-    ns["set_output_bias_to_mean"](m, x)
+    gc.set_output_bias_to_mean(m, x)
     after = m.state_dict()
     assert [k for k in before if not torch.equal(before[k], after[k])] == ["up.6.bias"]
     assert torch.allclose(torch.sigmoid(after["up.6.bias"]), x.mean(dim=(0, 2, 3)))
     with torch.no_grad():
         assert abs(float(m(x).mean() - x.mean())) < 0.05
-        assert abs(float(ns["make_model"]()(x).mean()) - 0.5) < 0.1  # the official start: grey
+        assert abs(float(gc.make_model("cae_grad", 1)(x).mean()) - 0.5) < 0.1  # official: grey
 
 
 @pytest.mark.parametrize(("variant", "trapped"), [("cae", True), ("vae", False)])
-def test_a_saturated_sigmoid_traps_the_mse_loss_but_not_bce(gradcon_cells, variant, trapped):
+def test_a_saturated_sigmoid_traps_the_mse_loss_but_not_bce(variant, trapped):
     """The GradCon chapter's diagnosis 4: with every output logit far below zero, the MSE
     gradient carries sigma'(z) ~ e^z and falls below Adam's epsilon, so 50 official training
     steps leave the output bias where it was; binary cross-entropy (the VAE) has no such factor
     and moves it."""
-    ns = gradcon_cells(0, 1, variant=variant)
     torch.manual_seed(0)
-    m = ns["make_model"]()
+    m = gc.make_model(variant, 1)
     with torch.no_grad():
         m.up[-2].bias.fill_(-30.0)  # sigma(-30) ~ 1e-13: a black image
     x = (torch.rand(64, 1, 28, 28) > 0.8).float()
     opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    weights = ns["decoder_weights"](m)
-    ref = ns["RunningMean"](weights)
+    weights = gc.decoder_weights(m)
+    ref = gc.RunningMean(weights)
+    config = gc.TrainConfig(variant=variant)
     for _ in range(50):
-        ns["train_step"](m, opt, ref, weights, x)
+        gc.train_step(m, opt, ref, weights, x, config.alpha, config.use_grad_loss)
     moved = float(m.up[-2].bias.detach() + 30.0)
     if trapped:
         assert abs(moved) < 1e-6
@@ -268,25 +318,32 @@ def test_a_saturated_sigmoid_traps_the_mse_loss_but_not_bce(gradcon_cells, varia
         assert moved > 1e-2
 
 
-def test_replay_of_the_first_iterations_repeats_training(gradcon_cells):
+def test_replay_of_the_first_iterations_repeats_training():
     """Diagnosis 4's replay uses the training loop's batches and steps: its iterations are
     the first iterations of ``train_gradcon`` from the same initial weights."""
     gen = torch.Generator().manual_seed(0)
     train = torch.rand(100, 1, 28, 28, generator=gen, dtype=torch.float64)
     val = torch.rand(20, 1, 28, 28, generator=gen, dtype=torch.float64)
-    ns = gradcon_cells(3, 2, x_train=train)
+    config = gc.TrainConfig(seed=3, epochs=2)
     torch.manual_seed(1)
-    initial = {k: v.double() for k, v in ns["make_model"]().state_dict().items()}
-    m = ns["make_model"]().double()
+    initial = {k: v.double() for k, v in gc.make_model("cae_grad", 1).state_dict().items()}
+    m = gc.make_model("cae_grad", 1).double()
     m.load_state_dict(initial)
-    _, history, _ = ns["train_gradcon"](m, train, val)
-    ns["make_model"] = lambda f=ns["make_model"]: f().double()
-    probe = ns["replay_first_iterations"](initial, 4, mean_output=False)  # 2 batches an epoch
+    _, history, _ = gc.train_gradcon(m, train, val, config)
+    probe = gc.replay_first_iterations(gc.make_model("cae_grad", 1).double(), initial, train,
+                                       4, mean_output=False, config=config)  # 2 batches an epoch
     assert list(probe.index) == [1, 2, 3, 4]
     for epoch in (0, 1):
         mean_recon = (probe.recon.iloc[2 * epoch] * 64 + probe.recon.iloc[2 * epoch + 1] * 36) / 100
         assert mean_recon == pytest.approx(history[epoch]["train_recon"], rel=1e-12)
     assert (probe.max_abs_grad > 0).all() and np.isfinite(probe.mean_logit).all()
+
+
+def test_stalled_reads_validation_only():
+    flat = [{"val_recon": 1.0 - 0.001 * i} for i in range(20)]
+    trained = [{"val_recon": 1.0 / (1 + i)} for i in range(20)]
+    assert gc.stalled(flat, 20, 0.9) and not gc.stalled(trained, 20, 0.9)
+    assert not gc.stalled(flat[:19], 20, 0.9)  # not yet at the stall epoch
 
 
 def test_a_stalled_run_is_restarted_and_the_restart_is_remembered(tmp_path, monkeypatch):
