@@ -154,3 +154,39 @@ def test_train_flow_lowers_bits_per_dim():
     history = fl.train_flow(model, data, 3, lr=5e-3, weight_decay=0.0, batch_size=16,
                             warmup_steps=1, desc="test")
     assert len(history) == 3 and history[-1] < history[0]
+
+
+def _train(data, n_epochs=None, **kwargs):
+    torch.manual_seed(0)
+    model = fl.Glow(1, 2, 1, 8)
+    fl.train_flow(model, data, n_epochs, lr=5e-3, weight_decay=1e-4, batch_size=16,
+                  warmup_steps=1, desc="test", **kwargs)
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def _images(n, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, 1, 8, 8)).astype(np.uint8)
+
+
+def test_train_flow_max_steps_counts_optimiser_steps():
+    """Equal terms between models rest on max_steps: 2 epochs of 4 batches are 8 steps."""
+    data = _images(64)
+    two_epochs = _train(data, 2)
+    assert torch.equal(_train(data, max_steps=8), two_epochs)
+    assert torch.equal(_train(data, 5, max_steps=8), two_epochs)  # max_steps overrides n_epochs
+    assert not torch.equal(_train(data, max_steps=7), two_epochs)
+    assert not torch.equal(_train(data, max_steps=9), two_epochs)
+    assert torch.equal(_train(data, 2), two_epochs)  # same seed, same weights
+
+
+def test_outlier_control_sees_the_same_normal_batches():
+    """With a zero outlier weight the outlier run is exactly the control: the outliers are drawn
+    from their own generators and leave the normal batches and their noise unchanged."""
+    data, outliers = _images(64), _images(40, seed=1)
+    torch.manual_seed(5)
+    general = fl.Glow(1, 2, 1, 8)
+    general(fl.dequantise(torch.from_numpy(outliers)))  # initialise its ActNorm
+    control = _train(data, 2)
+    zero = _train(data, 2, outlier=(general, outliers, 0.0, 10.0))
+    assert torch.equal(zero, control)
+    assert not torch.equal(_train(data, 2, outlier=(general, outliers, 50.0, 10.0)), control)

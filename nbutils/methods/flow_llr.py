@@ -354,14 +354,23 @@ def log_likelihoods(model, data_u8, noise_seed=1234, chunk=512):
 
 
 def train_flow(model, data_u8, n_epochs, *, lr, weight_decay, batch_size, warmup_steps,
-               desc="flow", outlier=None):
-    """Maximum likelihood (nats per image) with Adamax and a linear warm-up, on the model's device;
-    ``outlier=(general_model, outlier_u8, weight, T)`` adds the outlier loss (section 10) on a
-    batch of outliers per step. Draws from torch's and NumPy's global generators. Returns the
-    per-epoch mean bits/dim."""
+               desc="flow", outlier=None, max_steps=None, outlier_seed=0):
+    """Maximum likelihood (nats per image) with Adamax and a linear warm-up, on the model's device,
+    for ``n_epochs`` epochs or, with ``max_steps``, exactly that many optimiser steps (``n_epochs``
+    is then ignored). ``outlier=(general_model, outlier_u8, weight, T)`` adds the outlier loss
+    (section 10) on a batch of outliers per step. The normal batches and their dequantisation noise
+    come from torch's global generator, the outliers and theirs from generators seeded with
+    ``outlier_seed``: a run without ``outlier`` from the same state sees the same normal batches
+    (the control). Returns the per-epoch mean bits/dim (the last epoch may be partial)."""
     device = next(model.parameters()).device
     n_dims = int(np.prod(data_u8.shape[1:]))
     data = torch.from_numpy(data_u8)
+    n_batches = max(1, len(data) // batch_size)
+    if max_steps is not None:
+        n_epochs = math.ceil(max_steps / n_batches)
+    total = n_epochs * n_batches if max_steps is None else int(max_steps)
+    out_rng = np.random.default_rng(outlier_seed)
+    out_gen = torch.Generator().manual_seed(outlier_seed)
     with torch.no_grad():  # data-dependent ActNorm initialisation on a large batch
         init = data[torch.randperm(len(data))[:512]]
         model.train()
@@ -370,21 +379,22 @@ def train_flow(model, data_u8, n_epochs, *, lr, weight_decay, batch_size, warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
     history = []
     step = 0
-    n_batches = max(1, len(data) // batch_size)
     report_every = max(1, n_epochs // 10)  # at most ~10 printed lines per model
-    bar = tqdm(total=n_epochs * n_batches, desc=desc, unit="step")
+    bar = tqdm(total=total, desc=desc, unit="step")
     for epoch in range(n_epochs):
         model.train()
         order = torch.randperm(len(data))
         bpds = []
         for b in range(n_batches):
+            if step == total:
+                break
             xb = dequantise(data[order[b * batch_size:(b + 1) * batch_size]]).to(device)
             log_px = model.contributions(xb).sum(1)
             loss = -log_px.mean()
             if outlier is not None:
                 general_model, out_u8, weight, temperature = outlier
-                xo = dequantise(torch.from_numpy(
-                    out_u8[np.random.randint(0, len(out_u8), batch_size)])).to(device)
+                xo = torch.from_numpy(out_u8[out_rng.integers(0, len(out_u8), batch_size)])
+                xo = dequantise(xo, torch.rand(xo.shape, generator=out_gen)).to(device)
                 with torch.no_grad():
                     log_pg = general_model.contributions(xo).sum(1)
                 log_pin = model.contributions(xo).sum(1)
