@@ -435,9 +435,56 @@ def build_html(root: Path = PROJECT_ROOT, jobs: int | None = None) -> Path:
     return html / "index.html"
 
 
+def _search_one_run_per_notebook(app, doctree) -> None:
+    """Leave all but one executed page per profile and notebook out of the search index.
+
+    Their prose is the chapter notebook's, the same on every run's page: indexed 330 times it
+    fills search results with copies and costs most of the index, which Sphinx builds in one
+    process. The first page (in name order) keeps it searchable; run-set pages, chapter and
+    results pages are all indexed. Sphinx's ``nosearch`` metadata does the rest."""
+    doc = app.env.docname
+    parts = doc.split("/")
+    if parts[:2] != ["book", "runs"] or len(parts) < 5:
+        return
+    prefix = "/".join(parts[:4]) + "/"
+    if doc != min(d for d in app.env.found_docs if d.startswith(prefix)):
+        app.env.metadata[doc]["nosearch"] = True
+
+
+def read_notebook(text: str):
+    """How the book reads a notebook (``_config.yml``: myst-nb's reader for ``.ipynb``): as
+    nbformat does, with each cell's adjacent stream outputs joined and their carriage-return
+    redraws collapsed, as Jupyter shows them. A progress bar then shows its last state, not
+    each update: pages executed before the bars were lean hold thousands of updates, and
+    highlighting them line by line was most of the book's build time. Only the rendering
+    changes; the executed notebooks on disk stay as they are."""
+    import nbformat
+
+    from nbutils.pipeline import collapse_redraws
+
+    nb = nbformat.reads(text, as_version=4)
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        outputs = []
+        for out in cell.outputs:
+            last = outputs[-1] if outputs else None
+            if (out.output_type == "stream" and last is not None
+                    and last.output_type == "stream" and last.name == out.name):
+                last.text += out.text
+            else:
+                outputs.append(out)
+        for out in outputs:
+            if out.output_type == "stream":
+                out.text = collapse_redraws(out.text)
+        cell.outputs = outputs
+    return nb
+
+
 def setup(app):
     """A Sphinx extension (``_config.yml``: ``extra_extensions``): MathJax served from the
-    book itself (PyPI's sphinx-mathjax-offline), so that equations render without a network.
+    book itself (PyPI's sphinx-mathjax-offline), so that equations render without a network;
+    one executed page per notebook in the search index (:func:`_search_one_run_per_notebook`).
 
     Sphinx builds in parallel only if every extension says it may. This one and
     sphinx-mathjax-offline only copy files when the build ends; sphinx-multitoc-numbering
@@ -445,6 +492,7 @@ def setup(app):
     import importlib
 
     importlib.import_module("sphinx-mathjax-offline").setup(app)
+    app.connect("doctree-read", _search_one_run_per_notebook)
     app.setup_extension("sphinx_multitoc_numbering")
     extension = app.extensions["sphinx_multitoc_numbering"]
     if extension.parallel_read_safe is None:
