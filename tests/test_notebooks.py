@@ -261,3 +261,16 @@ chapters:
     assert "EfficientAD paper (Batzner et al., WACV 2024) (EfficientAD-M)" in text
     assert "0.935" in text  # its published AU-PRO
     assert str(tmp_path) not in text and "/home/someone" not in text
+
+
+def test_the_book_shows_streams_as_jupyter_does():
+    """Executed pages are read with their progress bars in their last state (the page on disk
+    keeps every update)."""
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("run()", outputs=[
+        nbformat.v4.new_output("stream", name="stderr", text="train:  0%|\rtrain: 50%|"),
+        nbformat.v4.new_output("stream", name="stderr", text="\rtrain: 100%|\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="done\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="warning\n")])])
+    shown = book.read_notebook(nbformat.writes(nb)).cells[0].outputs
+    assert [(o.name, o.text) for o in shown] == [
+        ("stderr", "train: 100%|\n"), ("stdout", "done\n"), ("stderr", "warning\n")]
