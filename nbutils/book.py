@@ -169,7 +169,7 @@ def run_set_markdown(rs: RunSet, root: Path, manifest: Manifest) -> str:
     variants = [v for v in unique(r["variant"] for r in records) if v]
     commits = sorted({(r["git_commit"], r.get("code_sha", "?")) for r in records})
     dates = sorted(r["date"][:10] for r in records)
-    lines = [f"# {chapter.title}: run set `{rs.name}`", ""]
+    lines = [f"# {chapter.title} — run set `{rs.name}`", ""]
     if sweep and sweep.get("note"):
         lines += [sweep["note"][0].upper() + sweep["note"][1:] + ".", ""]
     lines += [
@@ -177,14 +177,16 @@ def run_set_markdown(rs: RunSet, root: Path, manifest: Manifest) -> str:
         f"- **Profile**: `{rs.profile}`: {manifest.profiles.get(rs.profile, 'not in the manifest')}",
         f"- **Data**: `{dataset}`, protocol `{records[0]['protocol']}`"
         + (f"; {_data_source(str(data['source']))}" if data.get("source") else ""),
-        f"- **Variant**: {', '.join(_code(v) for v in variants) or 'one'}"
-        + (f"; **epochs**: {', '.join(epochs)}" if epochs else ""),
+        "- " + "; ".join(([f"**Variant**: {', '.join(_code(v) for v in variants)}"] if variants else [])
+                         + ([f"**Epochs**: {', '.join(epochs)}"] if epochs else [])
+                         or ["**Variant**: one"]),
         ("- **Parameters** (the manifest's run set): "
          + ", ".join(f"`{k}={v}`" for k, v in params.items())) if sweep else
         "- **Parameters**: this run set is not in the manifest's "
         f"`{rs.profile}` run sets (an earlier sweep); its records hold its parameters",
         f"- **Runs**: {len(rs.runs)} of {len(planned) * len(planned_seeds)} planned "
-        f"({len(planned)} classes × seeds {', '.join(map(str, planned_seeds))}); "
+        f"({len(planned)} classes × seed{'s' if len(planned_seeds) > 1 else ''} "
+        f"{', '.join(map(str, planned_seeds))}); "
         f"run {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else ""),
         f"- **Device**: {'; '.join(unique(r['device'] for r in records))}",
         "- **Code**: " + "; ".join(f"commit `{c}` (code `{s}`)" for c, s in commits),

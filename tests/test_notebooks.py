@@ -112,7 +112,7 @@ def test_toc_and_run_set_pages_come_from_the_manifest(tmp_path):
     assert list(published) == ["baselines"]
 
     text = (tmp_path / "book/generated/runs/quick/baselines/digits-t.md").read_text()
-    assert text.startswith("# Tiny baselines: run set `digits-t`\n\nTwo classes, two seeds.")
+    assert text.startswith("# Tiny baselines — run set `digits-t`\n\nTwo classes, two seeds.")
     assert "k-NN distance" in text and "AU-PRO, defect regions" in text  # labels, not keys
     assert "auroc.knn" not in text
     for page in pages[:3]:  # every number links to its executed page
