@@ -31,6 +31,11 @@ from nbutils.config import PROJECT_ROOT
 from nbutils.records import is_complete_record, read_record
 
 PROFILE_PREFERENCE = ("paper", "quick", "smoke")
+
+
+class BookError(ValueError):
+    """The book cannot be assembled (a chapter without its page, ...)."""
+
 GENERATED = Path("book") / "generated"
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 
@@ -281,6 +286,9 @@ def build_toc(root: Path, runs_dir: Path, notebook_dir: Path = NOTEBOOK_DIR,
 
     chapters = []
     for chapter in manifest.present(notebook_dir):
+        if not (root / f"{chapter.page}.md").exists():
+            raise BookError(f"chapter {chapter.notebook!r}: its notebook exists but its page "
+                            f"{chapter.page}.md does not (nbutils/chapters.yml, 'page')")
         entry: dict = {"file": chapter.page}
         sections = []
         for rs in published_run_sets(chapter, runs_dir)[1]:
@@ -513,9 +521,14 @@ def main(argv: list[str] | None = None) -> int:
     root = args.root.resolve()
     runs_dir = (args.runs_dir or root / "book" / "runs").resolve()
     start = time.perf_counter()
+    try:
+        toc = write_toc(root, runs_dir, NOTEBOOK_DIR)
+    except BookError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     published = write_run_set_pages(root, runs_dir, NOTEBOOK_DIR)
     print(f"run-set pages: {sum(len(v) for v in published.values())} in {GENERATED}/runs")
-    print(f"table of contents: {write_toc(root, runs_dir, NOTEBOOK_DIR).relative_to(root)}")
+    print(f"table of contents: {toc.relative_to(root)}")
     for name in results_notebooks(NOTEBOOK_DIR):
         page = execute_results(root, runs_dir, NOTEBOOK_DIR, name)
         print(f"results page: {page.relative_to(root)}")

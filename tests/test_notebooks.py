@@ -101,6 +101,10 @@ def test_toc_and_run_set_pages_come_from_the_manifest(tmp_path):
     (runs / "quick" / "baselines" / "digits-t" / "class1_seed1.json").write_text('{"half')  # failed
 
     published = book.write_run_set_pages(tmp_path, runs, PROJECT_ROOT / "notebooks", manifest)
+    with pytest.raises(book.BookError, match="its page book/chapters/baselines.md does not"):
+        book.build_toc(tmp_path, runs, PROJECT_ROOT / "notebooks", manifest)
+    (tmp_path / "book" / "chapters").mkdir()
+    (tmp_path / "book" / "chapters" / "baselines.md").write_text("# Tiny baselines\n")
     toc = book.build_toc(tmp_path, runs, PROJECT_ROOT / "notebooks", manifest)
     methods = next(p for p in toc["parts"] if p["caption"] == "Methods")["chapters"]
     # only the chapter whose notebook exists; its run set, the runs below it (not the failed one)
