@@ -22,7 +22,7 @@ from nbutils.config import PROJECT_ROOT
 MANIFEST_FILE = Path(__file__).with_name("chapters.yml")
 NOTEBOOK_DIR = PROJECT_ROOT / "notebooks"
 CHAPTER_KEYS = {"notebook", "title", "page", "reference", "results", "metrics", "runs"}
-SWEEP_KEYS = {"tag", "classes", "seeds", "parameters", "note"}
+SWEEP_KEYS = {"tag", "classes", "seeds", "parameters", "note", "timeout_s", "gpu"}
 
 
 class ManifestError(ValueError):

@@ -11,16 +11,33 @@ notebook and its run record to
 ``<runs-dir>/<profile>/<notebook>/<dataset>[-<tag>]/class<k>_seed<s>.{ipynb,json}``, so
 profiles never mix. A run whose record exists is skipped (``--force`` reruns it); a failed
 run keeps its executed notebook for inspection, the others go on, and the command exits 1.
+
+Faults: records are written atomically (a killed run leaves no record, never half of one), so
+a sweep killed at any moment (even with SIGKILL) resumes with exactly the missing runs; the
+pool's workers and their kernels die with the pipeline. A run set's ``timeout_s`` (or
+``--timeout``) stops a run that hangs: its kernel is killed and the run is reported as a
+timeout failure.
+
+Where the runs execute: a local process pool (``--jobs``; with ``gpu: true`` run sets it
+defaults to one run per visible GPU, each pinned with ``CUDA_VISIBLE_DEVICES``), or a Dask
+distributed cluster (``--scheduler tcp://host:8786``, or ``--scheduler local:N`` to start N
+local workers): one run per worker, a GPU run asks for the worker resource ``GPU=1``, and a
+run whose worker dies is retried on another. Workers must see the same project and runs
+folder (shared storage): executed notebooks and records land in the same tree either way.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import multiprocessing
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -50,6 +67,8 @@ class Job:
     output: Path
     record: Path
     parameters: dict = field(default_factory=dict)
+    timeout_s: float | None = None  # the run set's limit on one run's wall time
+    gpu: bool = False  # the run asks for one GPU (a pinned device, or Dask's GPU=1 resource)
 
     @property
     def name(self) -> str:
@@ -92,7 +111,8 @@ def load_profile(profile: str, manifest: Path | None = None) -> tuple[str, dict]
     if not isinstance(spec.get("sweeps"), list):
         raise PipelineError(f"profile {path} has no 'sweeps' list")
     for sweep in spec["sweeps"]:
-        unknown = set(sweep) - {"notebook", "tag", "classes", "seeds", "parameters", "note"}
+        unknown = set(sweep) - {"notebook", "tag", "classes", "seeds", "parameters", "note",
+                                "timeout_s", "gpu"}
         if unknown or "notebook" not in sweep:
             raise PipelineError(f"profile {path}: bad sweep {sweep} (unknown keys {unknown})")
     return path.stem, spec
@@ -149,7 +169,8 @@ def plan(profile: str, runs_dir: Path = DEFAULT_RUNS_DIR, notebooks: list[str] |
                     continue
                 stem = f"class{cls}_seed{seed}"
                 jobs.append(Job(nb, source, folder / f"{stem}.ipynb", folder / f"{stem}.json",
-                                {**params, "normal_class": cls, "seed": seed, "profile": name}))
+                                {**params, "normal_class": cls, "seed": seed, "profile": name},
+                                timeout_s=sweep.get("timeout_s"), gpu=bool(sweep.get("gpu"))))
     outputs = [j.output for j in jobs]
     if len(set(outputs)) != len(outputs):
         raise PipelineError(f"profile {name!r} maps two runs to one output; give sweeps a 'tag'")
@@ -272,11 +293,33 @@ def _project_relative(path: Path) -> str:
         return str(path)
 
 
-def execute(job: Job, threads: int | None = None) -> Outcome:
+def _kill_kernels(managers: list) -> None:
+    """SIGKILL the kernels (and their children: a kernel leads its own process group)."""
+    for km in managers:
+        provisioner = getattr(km, "provisioner", None)
+        pid = getattr(provisioner, "pid", None)
+        pgid = getattr(provisioner, "pgid", None)
+        try:
+            if pgid and os.name == "posix":
+                os.killpg(pgid, signal.SIGKILL)
+            elif pid:
+                os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def execute(job: Job, threads: int | None = None, timeout_s: float | None = None,
+            skip_done: bool = False) -> Outcome:
     """Run one notebook with papermill; succeed only if it wrote a complete record. The page
-    is tidied (:func:`tidy_page`), failed or not, and flagged when over ``PAGE_LIMIT_KB``."""
+    is tidied (:func:`tidy_page`), failed or not, and flagged when over ``PAGE_LIMIT_KB``.
+
+    ``timeout_s`` (default: the job's run set's) bounds the run's wall time: past it the kernel
+    is killed and the run fails as a timeout. ``skip_done`` returns at once when the record
+    exists (a run retried by Dask after its first worker died having finished it)."""
     import papermill as pm
 
+    if skip_done and job.is_done():
+        return Outcome(job, True, 0.0, "already done")
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(threads)
@@ -284,20 +327,49 @@ def execute(job: Job, threads: int | None = None) -> Outcome:
     os.environ.pop("MPLBACKEND", None)  # a headless setting would hide the pages' figures
     job.output.parent.mkdir(parents=True, exist_ok=True)
     job.record.unlink(missing_ok=True)  # a stale record must not pass for this run's
+    for tmp in job.record.parent.glob(f".{job.record.name}.*.tmp"):  # left by a killed writer
+        tmp.unlink(missing_ok=True)
+    timeout_s = timeout_s if timeout_s is not None else job.timeout_s
+    started: list = []  # this run's kernel managers, for the watchdog
+
+    class RunKernelManager(page_kernel_manager()):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            started.append(self)
+
+    timed_out = threading.Event()
+
+    def stop_run() -> None:
+        timed_out.set()
+        _kill_kernels(started)
+
+    watchdog = threading.Timer(timeout_s, stop_run) if timeout_s else None
     start = time.perf_counter()
     try:
+        if watchdog:
+            watchdog.daemon = True
+            watchdog.start()
         pm.execute_notebook(str(job.source), str(job.output),
                             parameters={**job.parameters,
                                         "record_path": _project_relative(job.record)},
                             kernel_name=KERNEL, progress_bar=False, cwd=str(PROJECT_ROOT),
-                            kernel_manager_class=page_kernel_manager())
+                            kernel_manager_class=RunKernelManager)
     except Exception as err:  # the executed notebook is kept, with the error in it
         message = str(err).strip().splitlines()
+        message = (message[-1] if message else type(err).__name__)[:300]
+        if timed_out.is_set():
+            message = f"timeout: stopped after {timeout_s:g} s (timeout_s), kernel killed"
         if job.output.exists():
             tidy_page(job.output)
-        return Outcome(job, False, time.perf_counter() - start,
-                       (message[-1] if message else type(err).__name__)[:300])
+        return Outcome(job, False, time.perf_counter() - start, message)
+    finally:
+        if watchdog:
+            watchdog.cancel()
     tidy_page(job.output)
+    if timed_out.is_set():  # killed as the last cell ended: the record may be missing
+        job.record.unlink(missing_ok=True)
+        return Outcome(job, False, time.perf_counter() - start,
+                       f"timeout: stopped after {timeout_s:g} s (timeout_s), kernel killed")
     if not is_complete_record(job.record):
         return Outcome(job, False, time.perf_counter() - start,
                        f"notebook finished but wrote no complete record at {job.record}")
@@ -309,6 +381,37 @@ def execute(job: Job, threads: int | None = None) -> Outcome:
             f"page {job.name} is {size_kb:.0f} KB (over {PAGE_LIMIT_KB} KB): make its figures "
             "smaller (size, dpi) or print less; large pages make the book slow to build and read")
     return outcome
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this machine shows (``CUDA_VISIBLE_DEVICES`` if set, else ``nvidia-smi -L``),
+    as the ids to put in ``CUDA_VISIBLE_DEVICES``; no torch import."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [d.strip() for d in visible.split(",") if d.strip()]
+        return [] if not ids or ids[0].startswith("-") else ids
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, _ in enumerate(x for x in out.splitlines() if x.startswith("GPU "))]
+
+
+def _pool_worker_init(gpu_ids) -> None:
+    """Each pool worker dies with the pipeline (Linux: SIGKILL when its parent dies; its
+    kernel then exits by itself, ipykernel watching its parent) and, with GPUs, takes one."""
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if gpu_ids is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu_ids.get()
 
 
 def busy_cpu_warning(n_jobs: int) -> str | None:
@@ -326,8 +429,31 @@ def busy_cpu_warning(n_jobs: int) -> str | None:
             "be slower. Run parallel work from one pipeline with --jobs.")
 
 
-def run(jobs: list[Job], n_jobs: int = 1, force: bool = False) -> list[Outcome]:
-    """Execute the jobs that are not done yet (all with ``force``), ``n_jobs`` at a time."""
+def _limit(job: Job, timeout_s: float | None) -> float | None:
+    """A run's time limit: ``timeout_s`` if given (0: none), else its run set's."""
+    return job.timeout_s if timeout_s is None else (timeout_s or None)
+
+
+def _report(outcome: Outcome, bar) -> None:
+    state = "ok" if outcome.ok else f"FAILED: {outcome.message}"
+    bar.write(f"{outcome.job.name}: {state} ({outcome.seconds:.0f} s)")
+    bar.update()
+
+
+def _lost(job: Job, err: BaseException, start: float) -> Outcome:
+    """A run whose process died under it (killed, out of memory) or that Dask gave up on."""
+    text = (str(err).strip().splitlines() or [""])[-1]
+    return Outcome(job, False, time.perf_counter() - start,
+                   f"its worker died or failed: {type(err).__name__}: {text}"[:300])
+
+
+def run(jobs: list[Job], n_jobs: int | None = 1, force: bool = False,
+        scheduler: str | None = None, timeout_s: float | None = None,
+        retries: int = 2) -> list[Outcome]:
+    """Execute the jobs that are not done yet (all with ``force``), ``n_jobs`` at a time in a
+    local process pool, or on a Dask cluster (``scheduler``: ``tcp://host:port`` or
+    ``local:N``). ``n_jobs=None``: one per visible GPU when a run asks for a GPU, else 1.
+    ``timeout_s`` overrides the run sets' limits (0: none)."""
     from tqdm.auto import tqdm
 
     todo = [j for j in jobs if force or not j.is_done()]
@@ -336,28 +462,128 @@ def run(jobs: list[Job], n_jobs: int = 1, force: bool = False) -> list[Outcome]:
         print(f"{skipped} of {len(jobs)} runs already have records: skipped (--force reruns)")
     if not todo:
         return []
+    outcomes: list[Outcome] = []
+    bar = tqdm(total=len(todo), desc="runs", unit="run")
+    try:
+        if scheduler:
+            _run_dask(todo, scheduler, force, timeout_s, retries, outcomes, bar)
+        else:
+            _run_pool(todo, n_jobs, timeout_s, outcomes, bar)
+    except KeyboardInterrupt:
+        bar.write("interrupted: finished runs keep their records; rerun to do the rest")
+        raise
+    finally:
+        bar.close()
+    return outcomes
+
+
+def _run_pool(todo: list[Job], n_jobs: int | None, timeout_s, outcomes, bar) -> None:
+    gpus = visible_gpus() if any(j.gpu for j in todo) else []
+    if n_jobs is None:
+        n_jobs = max(1, len(gpus))
     if warning := busy_cpu_warning(n_jobs):
         print(warning, file=sys.stderr)
     threads = max(1, (os.cpu_count() or 1) // max(1, n_jobs))
-    outcomes: list[Outcome] = []
-    bar = tqdm(total=len(todo), desc="runs", unit="run")
-    with ProcessPoolExecutor(max_workers=max(1, n_jobs)) as pool:
-        futures = {pool.submit(execute, job, threads): job for job in todo}
+    gpu_ids = None
+    if gpus:  # one GPU per worker (round robin when there are more workers than GPUs)
+        if n_jobs > len(gpus):
+            bar.write(f"warning: {n_jobs} jobs share {len(gpus)} GPU(s)")
+        gpu_ids = multiprocessing.Queue()
+        for i in range(n_jobs):
+            gpu_ids.put(gpus[i % len(gpus)])
+        bar.write(f"{n_jobs} job(s), pinned to GPU(s) {', '.join(gpus[:n_jobs])}")
+    start = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=max(1, n_jobs), initializer=_pool_worker_init,
+                             initargs=(gpu_ids,)) as pool:
+        futures = {pool.submit(execute, job, threads, _limit(job, timeout_s)): job
+                   for job in todo}
         try:
             for future in as_completed(futures):
-                outcome = future.result()
+                try:
+                    outcome = future.result()
+                except Exception as err:  # a worker killed under its run breaks the pool
+                    outcome = _lost(futures[future], err, start)
                 outcomes.append(outcome)
-                state = "ok" if outcome.ok else f"FAILED: {outcome.message}"
-                bar.write(f"{outcome.job.name}: {state} ({outcome.seconds:.0f} s)")
-                bar.update()
+                _report(outcome, bar)
         except KeyboardInterrupt:
             for f in futures:
                 f.cancel()
-            bar.write("interrupted: finished runs keep their records; rerun to do the rest")
             raise
-        finally:
-            bar.close()
-    return outcomes
+
+
+def dask_local_cluster(n_workers: int, threads: int | None = None):
+    """``n_workers`` local Dask workers (each its own process under a nanny, one run at a
+    time, no memory limit); with GPUs, each worker has one (``CUDA_VISIBLE_DEVICES``) and
+    offers the resource ``GPU=1``."""
+    import logging
+
+    from distributed import Nanny, Scheduler, SpecCluster
+
+    gpus = visible_gpus()
+    workers = {}
+    for i in range(n_workers):
+        env = {var: str(threads) for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if threads}
+        options = {"nthreads": 1, "memory_limit": 0, "env": env}
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = gpus[i % len(gpus)]
+            options["resources"] = {"GPU": 1}
+        workers[f"run-worker-{i}"] = {"cls": Nanny, "options": options}
+    return SpecCluster(workers=workers, silence_logs=logging.WARNING,
+                       scheduler={"cls": Scheduler,
+                                  "options": {"host": "127.0.0.1", "port": 0,
+                                              "dashboard": False, "dashboard_address": ":0"}})
+
+
+def _run_dask(todo: list[Job], scheduler: str, force: bool, timeout_s, retries: int,
+              outcomes, bar) -> None:
+    """Hand the runs to a Dask cluster: one future per run, never merged with an identical
+    one (``pure=False``), a GPU run asking for ``GPU=1``; a run whose worker dies is
+    rescheduled by Dask on another worker (``distributed.scheduler.allowed-failures``), an
+    error raised outside the notebook is retried ``retries`` times."""
+    try:
+        from distributed import Client
+        from distributed import as_completed as dask_completed
+    except ImportError as err:
+        raise PipelineError("--scheduler needs Dask: pip install 'distributed'") from err
+    cluster = None
+    if scheduler.startswith("local:"):
+        try:
+            n = int(scheduler.split(":", 1)[1])
+        except ValueError as err:
+            raise PipelineError(f"--scheduler local:N takes a number, not {scheduler!r}") from err
+        cluster = dask_local_cluster(n, max(1, (os.cpu_count() or 1) // max(1, n)))
+        client = Client(cluster)
+    else:
+        client = Client(scheduler, timeout=60)
+    try:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        has_gpu = any((w.get("resources") or {}).get("GPU") for w in workers.values())
+        if any(j.gpu for j in todo) and not has_gpu:
+            bar.write("warning: no Dask worker offers the resource GPU; GPU runs go to any worker "
+                      "(start workers with --resources GPU=1)")
+        bar.write(f"Dask scheduler {client.scheduler.address}: {len(workers)} worker(s)")
+        start = time.perf_counter()
+        futures = {}
+        for job in todo:
+            future = client.submit(execute, job, None, _limit(job, timeout_s), not force,
+                                   pure=False, retries=retries, key=f"run-{job.name}-{os.urandom(4).hex()}",
+                                   resources={"GPU": 1} if job.gpu and has_gpu else None)
+            futures[future] = job
+        try:
+            for future in dask_completed(list(futures)):
+                try:
+                    outcome = future.result()
+                except Exception as err:  # KilledWorker: its workers kept dying
+                    outcome = _lost(futures[future], err, start)
+                outcomes.append(outcome)
+                _report(outcome, bar)
+        except KeyboardInterrupt:
+            client.cancel(list(futures))
+            raise
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
 
 
 def summarise(outcomes: list[Outcome]) -> str:
@@ -381,10 +607,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, help="only these seeds")
     parser.add_argument("-p", "--parameter", nargs=2, action="append", default=[],
                         metavar=("NAME", "VALUE"), help="override a notebook parameter")
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="notebooks executed at once, each with (CPU cores / jobs) threads; "
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="notebooks executed at once, each with (CPU cores / jobs) threads "
+                             "(default 1; with GPU runs, one per visible GPU, each pinned); "
                              "run parallel work from one pipeline: two pipelines on the same "
                              "cores oversubscribe them and can train many times slower")
+    parser.add_argument("--scheduler", metavar="ADDRESS",
+                        help="run on a Dask cluster instead of a local pool: tcp://host:8786 "
+                             "(workers started with --nthreads 1 [--resources GPU=1]) or "
+                             "local:N (N local workers); needs shared storage for the runs")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="stop a run after this many seconds (overrides the run sets' "
+                             "timeout_s; 0: no limit)")
+    parser.add_argument("--gpu", action="store_true",
+                        help="every run asks for one GPU (as a run set's 'gpu: true' does)")
+    parser.add_argument("--retries", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--force", action="store_true", help="rerun runs that have records")
     parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR)
     parser.add_argument("--notebook-dir", type=Path, default=NOTEBOOK_DIR, help=argparse.SUPPRESS)
@@ -398,11 +635,25 @@ def main(argv: list[str] | None = None) -> int:
     except (PipelineError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.gpu:
+        for job in jobs:
+            job.gpu = True
+    if args.timeout is not None:
+        for job in jobs:
+            job.timeout_s = args.timeout or None
     if args.list:
         for job in jobs:
             print(f"{'done' if job.is_done() else 'todo'}  {job.name}  -> {job.output}")
         return 0
-    outcomes = run(jobs, args.jobs, args.force)
+    if args.scheduler and args.jobs:
+        print("error: --jobs is for the local pool; a Dask cluster runs one run per worker",
+              file=sys.stderr)
+        return 2
+    try:
+        outcomes = run(jobs, args.jobs, args.force, args.scheduler, retries=args.retries)
+    except PipelineError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     print(summarise(outcomes))
     return 1 if any(not o.ok for o in outcomes) else 0
 
