@@ -517,6 +517,8 @@ def dask_local_cluster(n_workers: int, threads: int | None = None):
     offers the resource ``GPU=1``."""
     import logging
 
+    # the workers are started with this environment: only their warnings and errors are shown
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     from distributed import Nanny, Scheduler, SpecCluster
 
     gpus = visible_gpus()

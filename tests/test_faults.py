@@ -29,6 +29,7 @@ first = not started.exists()
 started.touch()
 # the kernel and its parent (a pool or Dask worker), for the tests to kill or watch
 (marks / f"class{normal_class}_seed{seed}.pid").write_text(f"{os.getpid()} {os.getppid()}")
+(marks / f"class{normal_class}_seed{seed}.gpu").write_text(os.environ.get("CUDA_VISIBLE_DEVICES", "-"))
 if normal_class in hang_on or (first and normal_class in hang_first):
     time.sleep(600)
 if normal_class in fail_on:
@@ -44,16 +45,16 @@ with open(marks / "done.log", "a") as log:  # one line per finished run: duplica
 
 def write_toy_project(root: Path, classes=(0, 1, 2), seeds=(0,), extra: str = "",
                       **parameters) -> Path:
-    """``root/notebooks/toy.ipynb`` and a profile ``root/faults.yml`` running it; returns the
-    profile. ``parameters`` become the sweep's (hang_first, hang_on, fail_on: class lists)."""
+    """``root/notebooks/toy.ipynb`` (the same bytes each time: fixed cell ids) and a profile
+    ``root/faults.yml`` running it; returns the profile. ``parameters`` become the sweep's (hang_first, hang_on, fail_on: class lists)."""
     nb_dir = root / "notebooks"
     nb_dir.mkdir(parents=True, exist_ok=True)
     params = nbformat.v4.new_code_cell(
         'normal_class = 0\ndataset = "digits"\nseed = 0\nprofile = "manual"\nrecord_path = ""\n'
         'mark_dir = "marks"\nhang_first = []\nhang_on = []\nfail_on = []',
-        metadata={"tags": ["parameters"]})
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Toy chapter"),
-                                         params, nbformat.v4.new_code_cell(TOY)])
+        metadata={"tags": ["parameters"]}, id="parameters")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("# Toy chapter", id="title"),
+                                         params, nbformat.v4.new_code_cell(TOY, id="toy")])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
                                  "language": "python"}
     nbformat.write(nb, nb_dir / "toy.ipynb")
