@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -74,6 +75,10 @@ def library_versions() -> dict[str, str]:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = "not installed"
+    torch = sys.modules.get("torch")  # a run on a GPU also names its CUDA and cuDNN
+    if torch is not None and torch.cuda.is_available():
+        out["cuda"] = str(torch.version.cuda)
+        out["cudnn"] = str(torch.backends.cudnn.version())
     return out
 
 
