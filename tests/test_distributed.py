@@ -110,3 +110,13 @@ def test_a_dask_worker_killed_under_its_run_is_retried_and_no_run_is_done_twice(
     assert_no_half_records(tmp_path / "runs")
     out = tmp_path / "runs" / "faults" / "toy" / "digits"
     assert json.loads((out / "class1_seed0.json").read_text())["metrics"]["auroc"] == 0.51
+
+
+def test_bad_scheduler_options_give_clear_errors(tmp_path, capsys):
+    profile = write_toy_project(tmp_path)
+    assert pipeline.main(pipeline_args(tmp_path, profile, "--scheduler", "local:x")) == 2
+    assert "--scheduler local:N takes a number" in capsys.readouterr().err
+    assert pipeline.main(pipeline_args(tmp_path, profile, "--scheduler", "local:2",
+                                       "--jobs", "2")) == 2
+    assert "--jobs is for the local pool" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
