@@ -464,17 +464,52 @@ def run(jobs: list[Job], n_jobs: int | None = 1, force: bool = False,
         return []
     outcomes: list[Outcome] = []
     bar = tqdm(total=len(todo), desc="runs", unit="run")
+    start, interrupted = time.perf_counter(), False
     try:
         if scheduler:
             _run_dask(todo, scheduler, force, timeout_s, retries, outcomes, bar)
         else:
             _run_pool(todo, n_jobs, timeout_s, outcomes, bar)
     except KeyboardInterrupt:
+        interrupted = True
         bar.write("interrupted: finished runs keep their records; rerun to do the rest")
         raise
     finally:
         bar.close()
+        log_sweep(outcomes, time.perf_counter() - start, skipped,
+                  f"dask {scheduler}" if scheduler else f"pool of {n_jobs or 'auto'}", interrupted)
     return outcomes
+
+
+SWEEP_LOG = "sweeps.jsonl"  # <runs-dir>/<profile>/sweeps.jsonl: one line per sweep
+
+
+def log_sweep(outcomes: list[Outcome], wall_s: float, skipped: int, where: str,
+              interrupted: bool = False) -> list[Path]:
+    """Append the sweep's wall time and each run's time and state to the profile's
+    ``sweeps.jsonl`` (beside the chapters' folders; not a record, the book skips it): what a
+    reproduction costs, with the pipeline's overhead (kernel start, tidying) included."""
+    import datetime as dt
+    import json
+    import platform
+
+    by_profile: dict[Path, list[Outcome]] = {}
+    for outcome in outcomes:  # <runs>/<profile>/<notebook>/<run set>/<run>.ipynb
+        by_profile.setdefault(outcome.job.output.parents[2], []).append(outcome)
+    written = []
+    for folder, done in by_profile.items():
+        line = {"date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "host": platform.node(), "where": where, "gpus": visible_gpus(),
+                "wall_s": round(wall_s, 1), "skipped": skipped, "interrupted": interrupted,
+                "runs": [{"run": o.job.name, "ok": o.ok, "seconds": round(o.seconds, 1),
+                          **({"message": o.message} if o.message else {})} for o in done]}
+        try:
+            with open(folder / SWEEP_LOG, "a") as log:
+                log.write(json.dumps(line) + "\n")
+            written.append(folder / SWEEP_LOG)
+        except OSError:
+            pass
+    return written
 
 
 def _run_pool(todo: list[Job], n_jobs: int | None, timeout_s, outcomes, bar) -> None:
@@ -590,7 +625,9 @@ def _run_dask(todo: list[Job], scheduler: str, force: bool, timeout_s, retries: 
 
 def summarise(outcomes: list[Outcome]) -> str:
     failed = [o for o in outcomes if not o.ok]
-    lines = [f"{len(outcomes) - len(failed)} succeeded, {len(failed)} failed"]
+    lines = [f"{len(outcomes) - len(failed)} succeeded, {len(failed)} failed"
+             + (f" (run times in {outcomes[0].job.output.parents[2] / SWEEP_LOG})"
+                if outcomes else "")]
     lines += [f"  FAILED {o.job.name}: {o.message}\n    see {o.job.output}" for o in failed]
     lines += [f"  warning: {w}" for o in outcomes for w in o.warnings]
     return "\n".join(lines)

@@ -157,6 +157,13 @@ def test_a_run_that_raises_or_hangs_fails_alone_with_its_notebook_kept(tmp_path,
     hung = nbformat.read(out / "class1_seed0.ipynb", as_version=4)
     assert "time.sleep(600)" in hung.cells[-1].source
     assert_no_half_records(tmp_path / "runs")
+    # the sweep's wall time and each run's time and state are logged beside the chapters
+    [sweep] = [json.loads(line) for line in
+               (tmp_path / "runs" / "faults" / "sweeps.jsonl").read_text().splitlines()]
+    assert sweep["where"] == "pool of 2" and 6 <= sweep["wall_s"] < 60 and not sweep["interrupted"]
+    runs = {r["run"]: r for r in sweep["runs"]}
+    assert runs["toy/digits/class1_seed0"]["message"].startswith("timeout")
+    assert runs["toy/digits/class0_seed0"]["ok"] and runs["toy/digits/class0_seed0"]["seconds"] > 0
 
 
 TRAIN = '''
