@@ -502,7 +502,8 @@ def log_sweep(outcomes: list[Outcome], wall_s: float, skipped: int, where: str,
                 "host": platform.node(), "where": where, "gpus": visible_gpus(),
                 "wall_s": round(wall_s, 1), "skipped": skipped, "interrupted": interrupted,
                 "runs": [{"run": o.job.name, "ok": o.ok, "seconds": round(o.seconds, 1),
-                          **({"message": o.message} if o.message else {})} for o in done]}
+                          **({"message": portable_paths(o.message)} if o.message else {})}
+                         for o in done]}
         try:
             with open(folder / SWEEP_LOG, "a") as log:
                 log.write(json.dumps(line) + "\n")

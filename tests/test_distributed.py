@@ -25,7 +25,8 @@ from nbutils.records import read_record
 
 distributed = pytest.importorskip("distributed")
 
-VARYING = ("date", "timings", "host")  # what two executions of one run may differ in
+# what two executions of one run may differ in (the commit: another may land in between)
+VARYING = ("date", "timings", "host", "git_commit")
 
 
 @pytest.fixture(scope="module")
