@@ -168,3 +168,16 @@ def test_separate_encoders_per_direction():
     with pytest.raises(ValueError):
         CPCAD("resnet18", "layer", directions=("diagonal",))
     assert set(DIRECTIONS) == {"down", "up", "left", "right"}
+
+
+def test_pooling_leaves_out_patches_no_prediction_reaches():
+    torch.manual_seed(0)
+    model = CPCAD("resnet18", "layer", directions=("down", "right"), prediction_steps=2)
+    n = 5
+    scores = patch_scores(patch_losses(model, [torch.randn(3, model.dim, n, n)],
+                                       [torch.randn(30, model.dim)], 4, skip=1)).detach().numpy()
+    assert np.isnan(scores[:, 0, 0]).all()  # neither from above nor from the left
+    pooled = image_scores(scores)
+    valid = scores[:, ~np.isnan(scores).any(0)]
+    assert all(np.isfinite(v).all() for v in pooled.values())
+    np.testing.assert_allclose(pooled["mean"], valid.mean(1), rtol=1e-6)

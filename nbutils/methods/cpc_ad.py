@@ -46,7 +46,8 @@ def extract_patches(x: Tensor, patch_size: int, patch_stride: int) -> Tensor:
 
 def patches_to_map(values: Tensor, image_size: int, patch_size: int, patch_stride: int) -> Tensor:
     """Spread per-patch values (B, n, n) back over the pixels: each pixel gets the mean of the
-    values of the patches that cover it. NaN entries (patches without a value) are ignored."""
+    values of the patches that cover it. NaN entries (patches without a value) are ignored; a
+    pixel covered by none with a value gets 0."""
     b, n, _ = values.shape
     assert n == grid_size(image_size, patch_size, patch_stride)
     have = ~torch.isnan(values)
@@ -348,8 +349,11 @@ def score_images(model: CPCAD, x: Tensor, bank: list[Tensor], *, patch_size: int
 
 def image_scores(patch_score: np.ndarray) -> dict[str, np.ndarray]:
     """Image scores from the (N, n, n) patch scores: ``mean`` (the image's loss, the seed's
-    score), ``max`` (the worst patch) and ``top10`` (mean of the worst 10% of patches)."""
+    score), ``max`` (the worst patch) and ``top10`` (mean of the worst 10% of patches).
+    Patches that no prediction reaches (NaN: the same ones in every image, possible with fewer
+    than four directions) are left out."""
     flat = patch_score.reshape(len(patch_score), -1)
+    flat = flat[:, ~np.isnan(flat).any(0)]
     k = max(1, int(round(0.1 * flat.shape[1])))
     top = np.sort(flat, 1)[:, -k:]
-    return {"mean": np.nanmean(flat, 1), "max": np.nanmax(flat, 1), "top10": top.mean(1)}
+    return {"mean": flat.mean(1), "max": flat.max(1), "top10": top.mean(1)}
