@@ -591,8 +591,12 @@ def _run_dask(todo: list[Job], scheduler: str, force: bool, timeout_s, retries: 
             raise PipelineError(f"--scheduler local:N takes a number, not {scheduler!r}") from err
         cluster = dask_local_cluster(n, max(1, (os.cpu_count() or 1) // max(1, n)))
         client = Client(cluster)
+        client.wait_for_workers(n, timeout=300)
     else:
-        client = Client(scheduler, timeout=60)
+        try:
+            client = Client(scheduler, timeout=60)
+        except (OSError, TimeoutError, ValueError) as err:
+            raise PipelineError(f"cannot reach the Dask scheduler at {scheduler!r}: {err}") from err
     try:
         workers = client.scheduler_info(n_workers=-1)["workers"]
         has_gpu = any((w.get("resources") or {}).get("GPU") for w in workers.values())

@@ -120,4 +120,6 @@ def test_bad_scheduler_options_give_clear_errors(tmp_path, capsys):
     assert pipeline.main(pipeline_args(tmp_path, profile, "--scheduler", "local:2",
                                        "--jobs", "2")) == 2
     assert "--jobs is for the local pool" in capsys.readouterr().err
+    assert pipeline.main(pipeline_args(tmp_path, profile, "--scheduler", "nonsense://x")) == 2
+    assert "cannot reach the Dask scheduler at 'nonsense://x'" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
