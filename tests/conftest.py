@@ -15,3 +15,27 @@ def mnist_root() -> Path:
     if not root or not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists():
         pytest.skip("real MNIST not in DATA_DIR")
     return Path(root)
+
+
+@pytest.fixture(scope="session")
+def smoke_book(tmp_path_factory):
+    """A copy of the book's pages with the smoke runs of every chapter, trained from scratch.
+    Executed once per test session: the notebook, book-build and determinism tests share it."""
+    import shutil
+
+    from nbutils import pipeline
+    from nbutils.config import PROJECT_ROOT
+
+    root = tmp_path_factory.mktemp("book")
+    shutil.copy(PROJECT_ROOT / "_config.yml", root)
+    shutil.copytree(PROJECT_ROOT / "book", root / "book",
+                    ignore=shutil.ignore_patterns("runs", "generated"))
+    jobs = pipeline.plan("smoke", root / "book" / "runs")
+    # train from scratch: checkpoints lying in the developer's tree must not stand in
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CHECKPOINT_DIR", str(root / "checkpoints"))
+    try:
+        outcomes = pipeline.run(jobs, n_jobs=2)
+    finally:
+        mp.undo()
+    return root, jobs, outcomes

@@ -1,6 +1,7 @@
 """The same seed on the CPU gives the same metrics twice, for every chapter: the smoke profile
 executed twice by the pipeline into two runs folders, each training from scratch (its own
-checkpoint folder), and every metric of the two records compared (to 1e-6).
+checkpoint folder), and every metric of the two records compared (to 1e-6). The first
+execution is the session's ``smoke_book`` (tests/conftest.py), which the notebook tests use too.
 
 What changes on a GPU (cuDNN's algorithm choice, atomic additions in some kernels) is said in
 book/protocol.md; this test pins the CPU case, where the book's quick profile runs."""
@@ -17,19 +18,18 @@ CHAPTERS = [c.notebook for c in load_manifest().present()]
 
 
 @pytest.fixture(scope="module")
-def two_executions(tmp_path_factory):
+def two_executions(smoke_book, tmp_path_factory):
+    _, first_jobs, first_outcomes = smoke_book
     root = tmp_path_factory.mktemp("determinism")
-    executions = []
-    for name in ("first", "second"):
-        jobs = pipeline.plan("smoke", root / name / "runs")
-        mp = pytest.MonkeyPatch()
-        mp.setenv("CHECKPOINT_DIR", str(root / name / "checkpoints"))  # train from scratch
-        try:
-            outcomes = pipeline.run(jobs, n_jobs=2)
-        finally:
-            mp.undo()
-        executions.append((jobs, {o.job.output: o for o in outcomes}))
-    return executions
+    jobs = pipeline.plan("smoke", root / "runs")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CHECKPOINT_DIR", str(root / "checkpoints"))  # train from scratch
+    try:
+        outcomes = pipeline.run(jobs, n_jobs=2)
+    finally:
+        mp.undo()
+    return [(first_jobs, {o.job.output: o for o in first_outcomes}),
+            (jobs, {o.job.output: o for o in outcomes})]
 
 
 def _numbers(metrics: dict, prefix: str = "") -> dict[str, float]:

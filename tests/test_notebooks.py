@@ -3,7 +3,6 @@ table of contents, the run-set pages and the results pages follow the chapter ma
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import nbformat
@@ -126,24 +125,6 @@ def test_toc_and_run_set_pages_come_from_the_manifest(tmp_path):
 
 
 # --- the smoke runs and the tiny book ---------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def smoke_book(tmp_path_factory):
-    """A copy of the book's pages with the smoke runs of every chapter."""
-    root = tmp_path_factory.mktemp("book")
-    shutil.copy(PROJECT_ROOT / "_config.yml", root)
-    shutil.copytree(PROJECT_ROOT / "book", root / "book",
-                    ignore=shutil.ignore_patterns("runs", "generated"))
-    jobs = pipeline.plan("smoke", root / "book" / "runs")
-    # train from scratch: checkpoints lying in the developer's tree must not stand in
-    mp = pytest.MonkeyPatch()
-    mp.setenv("CHECKPOINT_DIR", str(root / "checkpoints"))
-    try:
-        outcomes = pipeline.run(jobs, n_jobs=2)
-    finally:
-        mp.undo()
-    return root, jobs, outcomes
 
 
 @pytest.mark.slow
