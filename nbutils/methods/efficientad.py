@@ -376,7 +376,28 @@ def distill_teacher(model_size: str, extractor: nn.Module, images: PretrainImage
                     ) -> tuple[nn.Sequential, dict]:
     """Distil a teacher PDN (with padding, as the public code does) from a frozen extractor's
     standardised features: MSE, Adam. Resumable from ``ckpt_path``; returns the PDN without
-    padding (same parameters) and the state (history, seconds per step)."""
+    padding (same parameters) and the state (history, seconds per step). Runs that need the
+    same teacher at once (parallel jobs) take turns: the first distils, the others load it."""
+    ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(ckpt_path.with_name(ckpt_path.name + ".lock"), "w") as lock:
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # no POSIX locks (Windows): parallel jobs may distil twice
+            pass
+        return _distill_teacher(model_size, extractor, images, steps=steps,
+                                batch_size=batch_size, image_size=image_size,
+                                norm_images=norm_images, ckpt_path=ckpt_path, seed=seed, lr=lr,
+                                weight_decay=weight_decay, save_every=save_every, device=device,
+                                max_seconds=max_seconds)
+
+
+def _distill_teacher(model_size: str, extractor: nn.Module, images: PretrainImages, *,
+                     steps: int, batch_size: int, image_size: int, norm_images: int,
+                     ckpt_path: Path, seed: int, lr: float, weight_decay: float,
+                     save_every: int, device: str | torch.device, max_seconds: float
+                     ) -> tuple[nn.Sequential, dict]:
     extractor = extractor.to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the initial weights follow the seed
@@ -419,7 +440,7 @@ def distill_teacher(model_size: str, extractor: nn.Module, images: PretrainImage
             state["seconds"] += time.perf_counter() - t0
             state["step"] = step + 1
             state["history"].append(float(loss.detach()))
-            bar.set_postfix(loss=f"{state['history'][-1]:.3f}")
+            bar.set_postfix(loss=f"{state['history'][-1]:.3f}", refresh=False)
             out_of_time = max_seconds and time.perf_counter() - started > max_seconds
             if state["step"] == steps or out_of_time or state["step"] % save_every == 0:
                 state.update(model=net.state_dict(), optimizer=opt.state_dict(),
@@ -587,7 +608,7 @@ def train_efficientad(model: EfficientAD, x_train: Tensor, x_val: Tensor, *, ste
                        **validation_losses(model, x_val)}
                 state["curve"].append(row)
                 running = {}
-                bar.set_postfix(loss=f"{row['train_total']:.3f}", val_st=f"{row['val_st']:.3f}")
+                bar.set_postfix(loss=f"{row['train_total']:.3f}", val_st=f"{row['val_st']:.3f}", refresh=False)
             out_of_time = max_seconds and time.perf_counter() - started > max_seconds
             if done or out_of_time or state["step"] % save_every == 0:
                 state.update(student=model.student.state_dict(),
