@@ -31,6 +31,9 @@ from nbutils.config import PROJECT_ROOT
 from nbutils.records import is_complete_record, read_record
 
 PROFILE_PREFERENCE = ("paper", "quick", "smoke")
+# Results pages of the whole book (notebooks/<name>.ipynb), not of one chapter, in the order of
+# the table of contents; chapters' own results pages come from the manifest.
+BOOK_RESULTS = ("results", "reproduction_cost")
 
 
 class BookError(ValueError):
@@ -302,8 +305,10 @@ def build_toc(root: Path, runs_dir: Path, notebook_dir: Path = NOTEBOOK_DIR,
     parts = [
         {"caption": "Foundations", "chapters": [{"file": "book/protocol"}]},
         {"caption": "Methods", "chapters": chapters},
-        {"caption": "Results", "chapters": [{"file": (GENERATED / "results").as_posix()},
-                                            {"file": "book/bibliography"}]},
+        {"caption": "Results", "chapters": [
+            *({"file": (GENERATED / name).as_posix()} for name in BOOK_RESULTS
+              if name == "results" or (notebook_dir / f"{name}.ipynb").exists()),
+            {"file": "book/bibliography"}]},
     ]
     return {"format": "jb-book", "root": "book/intro", "parts": parts}
 
@@ -325,9 +330,9 @@ def write_toc(root: Path = PROJECT_ROOT, runs_dir: Path | None = None,
 
 def results_notebooks(notebook_dir: Path = NOTEBOOK_DIR,
                       manifest: Manifest | None = None) -> list[str]:
-    """``results`` and each present chapter's own results notebook."""
+    """The book's results notebooks (:data:`BOOK_RESULTS`) and each present chapter's own."""
     manifest = manifest or load_manifest()
-    names = ["results"] + [c.results for c in manifest.present(notebook_dir) if c.results]
+    names = [*BOOK_RESULTS] + [c.results for c in manifest.present(notebook_dir) if c.results]
     return [n for n in names if (notebook_dir / f"{n}.ipynb").exists()]
 
 

@@ -17,7 +17,7 @@ from nbutils.records import make_record, read_record, write_record
 NOTEBOOKS = sorted(p for p in (PROJECT_ROOT / "notebooks").glob("*.ipynb"))
 MANIFEST = load_manifest()
 CHAPTERS = [c.notebook for c in MANIFEST.present()]
-RESULTS = ["results"] + [c.results for c in MANIFEST.present() if c.results]
+RESULTS = [*book.BOOK_RESULTS] + [c.results for c in MANIFEST.present() if c.results]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
