@@ -28,6 +28,7 @@ import yaml
 
 from nbutils.chapters import Chapter, Manifest, load_manifest, run_set_name
 from nbutils.config import PROJECT_ROOT
+from nbutils.pipeline import page_kernel_manager
 from nbutils.records import is_complete_record, read_record
 
 PROFILE_PREFERENCE = ("paper", "quick", "smoke")
@@ -357,7 +358,8 @@ def execute_results(root: Path = PROJECT_ROOT, runs_dir: Path | None = None,
     os.environ.pop("MPLBACKEND", None)  # the kernel must draw inline figures
     parameters = {"runs_dir": shown, "manifest": str(manifest or "")}
     pm.execute_notebook(str(notebook_dir / f"{name}.ipynb"), str(output), parameters=parameters,
-                        kernel_name="python3", progress_bar=False, cwd=str(root))
+                        kernel_name="python3", progress_bar=False, cwd=str(root),
+                        kernel_manager_class=page_kernel_manager())  # a quiet kernel, as runs
     nb = nbformat.read(output, as_version=4)
     for cell in nb.cells:  # readers need the tables, not the runs_dir plumbing
         tags = cell.metadata.get("tags", [])
