@@ -428,7 +428,7 @@ def test_a_stalled_run_is_restarted_and_the_restart_is_remembered(tmp_path, monk
     monkeypatch.setenv("CHECKPOINT_DIR", str(tmp_path / "ckpt"))
     params = {"dataset": "digits", "normal_class": 3, "epochs": 2, "max_train": 60, "max_test": 40,
               "device": "cpu", "n_boot": 10, "recipe": "corrected", "restarts": 2,
-              "stall_epoch": 1, "stall_ratio": 0.9}
+              "stall_epoch": 1, "stall_ratio": 0.9, "probe_iterations": 5}  # restarts, not the probe
     records = []
     for run in range(2):
         record = tmp_path / f"record{run}.json"
