@@ -28,7 +28,7 @@ import yaml
 
 from nbutils.chapters import Chapter, Manifest, load_manifest, run_set_name
 from nbutils.config import PROJECT_ROOT
-from nbutils.pipeline import page_kernel_manager
+from nbutils.pipeline import join_streams, page_kernel_manager
 from nbutils.records import is_complete_record, read_record
 
 PROFILE_PREFERENCE = ("paper", "quick", "smoke")
@@ -477,24 +477,8 @@ def read_notebook(text: str):
     changes; the executed notebooks on disk stay as they are."""
     import nbformat
 
-    from nbutils.pipeline import collapse_redraws
-
     nb = nbformat.reads(text, as_version=4)
-    for cell in nb.cells:
-        if cell.cell_type != "code":
-            continue
-        outputs = []
-        for out in cell.outputs:
-            last = outputs[-1] if outputs else None
-            if (out.output_type == "stream" and last is not None
-                    and last.output_type == "stream" and last.name == out.name):
-                last.text += out.text
-            else:
-                outputs.append(out)
-        for out in outputs:
-            if out.output_type == "stream":
-                out.text = collapse_redraws(out.text)
-        cell.outputs = outputs
+    join_streams(nb)
     return nb
 
 

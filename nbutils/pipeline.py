@@ -230,9 +230,18 @@ def tidy_page(path: Path, roots: dict[str, str] | None = None) -> None:
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
+    join_streams(nb)
+    nbformat.write(nbformat.from_dict(portable_notebook(nb, roots)), path)
+
+
+def join_streams(nb) -> None:
+    """In place, as Jupyter shows them: each code cell's adjacent stream outputs of one name are
+    joined, and their progress-bar redraws collapsed (:func:`collapse_redraws`)."""
     for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
         outputs = []
-        for out in cell.get("outputs", []):
+        for out in cell.outputs:
             previous = outputs[-1] if outputs else None
             if (out.output_type == "stream" and previous is not None
                     and previous.output_type == "stream" and previous.name == out.name):
@@ -242,9 +251,7 @@ def tidy_page(path: Path, roots: dict[str, str] | None = None) -> None:
         for out in outputs:
             if out.output_type == "stream":
                 out.text = collapse_redraws(out.text)
-        if cell.cell_type == "code":
-            cell.outputs = outputs
-    nbformat.write(nbformat.from_dict(portable_notebook(nb, roots)), path)
+        cell.outputs = outputs
 
 
 @functools.cache
