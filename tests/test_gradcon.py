@@ -5,6 +5,7 @@ The model, the vectorised scorer, the training loop and the probe are the chapte
 notebooks); the official code's training loop is the one of ``benchmarks/gradcon_speed.py``.
 """
 
+import ast
 import importlib.util
 import json
 from pathlib import Path
@@ -251,8 +252,9 @@ def test_notebook_contract(name):
     assert "".join(nb["cells"][0]["source"]).startswith("# ")
     tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1
-    namespace: dict = {}
-    exec("".join(tagged[0]["source"]), namespace)
+    namespace = {node.targets[0].id: ast.literal_eval(node.value)  # plain literals only
+                 for node in ast.parse("".join(tagged[0]["source"])).body
+                 if isinstance(node, ast.Assign)}
     for key in ("normal_class", "dataset", "protocol", "seed", "device", "data_root",
                 "profile", "record_path"):
         assert key in namespace, key
