@@ -9,12 +9,22 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+def _data_root_holding(relative: str, what: str) -> Path:
+    """DATA_DIR when it holds ``relative``; otherwise the test is skipped."""
+    root = os.environ.get("DATA_DIR")
+    if not root or not (Path(root) / relative).exists():
+        pytest.skip(f"{what} not in DATA_DIR")
+    return Path(root)
+
+
 @pytest.fixture
 def mnist_root() -> Path:
-    root = os.environ.get("DATA_DIR")
-    if not root or not (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists():
-        pytest.skip("real MNIST not in DATA_DIR")
-    return Path(root)
+    return _data_root_holding("MNIST/raw/train-images-idx3-ubyte.gz", "real MNIST")
+
+
+@pytest.fixture
+def mvtec_bottle() -> Path:
+    return _data_root_holding("mvtec/bottle/ground_truth", "real MVTec AD bottle")
 
 
 @pytest.fixture(scope="session")

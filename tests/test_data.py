@@ -1,7 +1,5 @@
 import hashlib
-import os
 import urllib.error
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,14 +213,6 @@ def test_incomplete_category_lists_everything_missing(tmp_path):
     assert "normal test images" not in message  # test/good is there
     with pytest.raises(DataError, match=r"unknown class 'gears'.*mvtec/gears/ \(train/good"):
         load_one_class("mvtec", "gears", data_root=tmp_path)
-
-
-@pytest.fixture
-def mvtec_bottle() -> Path:
-    root = os.environ.get("DATA_DIR")
-    if not root or not (Path(root) / "mvtec" / "bottle" / "ground_truth").is_dir():
-        pytest.skip("real MVTec AD bottle not in DATA_DIR")
-    return Path(root)
 
 
 def test_real_mvtec_bottle(mvtec_bottle):
