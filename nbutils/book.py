@@ -28,7 +28,7 @@ import yaml
 
 from nbutils.chapters import Chapter, Manifest, load_manifest, run_set_name
 from nbutils.config import PROJECT_ROOT
-from nbutils.pipeline import join_streams, page_kernel_manager
+from nbutils.pipeline import join_streams, page_kernel_manager, shrink_figures
 from nbutils.records import is_complete_record, read_record
 
 PROFILE_PREFERENCE = ("paper", "quick", "smoke")
@@ -365,6 +365,7 @@ def execute_results(root: Path = PROJECT_ROOT, runs_dir: Path | None = None,
         tags = cell.metadata.get("tags", [])
         if "parameters" in tags or "injected-parameters" in tags:
             cell.metadata["tags"] = [*tags, "remove-cell"]
+    shrink_figures(nb)
     nbformat.write(nb, output)
     return output
 

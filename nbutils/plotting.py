@@ -59,7 +59,7 @@ def show_images(images: np.ndarray, ncols: int = 8, titles: list[str] | None = N
         if i < n:
             img = images[i].transpose(1, 2, 0)
             ax.imshow(img[..., 0] if img.shape[-1] == 1 else img.clip(0, 1), cmap=cmap,
-                      vmin=0, vmax=1)
+                      vmin=0, vmax=1, interpolation="nearest")  # pixels as they are; small PNGs
             if titles:
                 ax.set_title(titles[i], fontsize="small")
     fig.tight_layout()

@@ -179,3 +179,40 @@ def test_portable_notebook_keeps_binary_outputs():
     nb = portable_notebook(_page("/work/main/x\n"), ROOTS)
     assert nb["cells"][1]["outputs"][0]["text"] == "x\n"
     assert nb["cells"][1]["outputs"][1]["data"]["image/png"] == PNG
+
+
+def test_figures_are_stored_with_a_palette_that_looks_the_same():
+    """tidy_page's figure shrinking: a matplotlib figure with smooth gradients loses most of
+    its bytes and no visible pixel; what is not a PNG is left untouched."""
+    import base64
+    import io
+
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
+
+    fig, ax = plt.subplots(figsize=(6, 3))
+    x = np.linspace(0, 10, 400)
+    for k in range(6):
+        ax.plot(x, np.sin(x + k), lw=1.5)
+    ax.imshow(np.outer(np.ones(30), x), extent=(0, 10, -1, 1), aspect="auto", alpha=0.4)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    raw = buf.getvalue()
+    small = pipeline.palette_png(raw)
+    assert len(small) < 0.7 * len(raw)
+    before = np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"), dtype=int)
+    after = np.asarray(Image.open(io.BytesIO(small)).convert("RGB"), dtype=int)
+    assert before.shape == after.shape and np.abs(before - after).mean() < 2.0
+    assert pipeline.palette_png(b"not a png") == b"not a png"
+    assert pipeline.palette_png(small) == small  # already a palette: nothing to gain
+
+    nb = _page("x\n")
+    nb["cells"][1]["outputs"][1]["data"]["image/png"] = base64.b64encode(raw).decode()
+    nb = nbformat.from_dict(nb)
+    pipeline.shrink_figures(nb)
+    assert base64.b64decode(nb.cells[1].outputs[1].data["image/png"]) == small
