@@ -328,8 +328,9 @@ def natural_patches(n, size, channels, rng):
 # %% ../../notebooks/flow_llr.ipynb #cell-19-export
 import hashlib
 import json
+from pathlib import Path
 
-from ..config import checkpoint_dir
+from ..config import checkpoint_dir, save_checkpoint
 from ..progress import tqdm
 
 
@@ -354,14 +355,20 @@ def log_likelihoods(model, data_u8, noise_seed=1234, chunk=512):
 
 
 def train_flow(model, data_u8, n_epochs, *, lr, weight_decay, batch_size, warmup_steps,
-               desc="flow", outlier=None, max_steps=None, outlier_seed=0):
+               desc="flow", outlier=None, max_steps=None, outlier_seed=0, state_path=None,
+               save_every=1):
     """Maximum likelihood (nats per image) with Adamax and a linear warm-up, on the model's device,
     for ``n_epochs`` epochs or, with ``max_steps``, exactly that many optimiser steps (``n_epochs``
     is then ignored). ``outlier=(general_model, outlier_u8, weight, T)`` adds the outlier loss
     (section 10) on a batch of outliers per step. The normal batches and their dequantisation noise
     come from torch's global generator, the outliers and theirs from generators seeded with
     ``outlier_seed``: a run without ``outlier`` from the same state sees the same normal batches
-    (the control). Returns the per-epoch mean bits/dim (the last epoch may be partial)."""
+    (the control). Returns the per-epoch mean bits/dim (the last epoch may be partial).
+
+    With ``state_path``, everything training needs to go on (weights, optimiser, schedule, the
+    random generators' states, the curve) is saved there every ``save_every`` epochs, and a
+    training that finds the file continues after its last saved epoch: a run killed mid-way
+    loses at most ``save_every`` epochs and ends with the same weights as one never stopped."""
     device = next(model.parameters()).device
     n_dims = int(np.prod(data_u8.shape[1:]))
     data = torch.from_numpy(data_u8)
@@ -371,17 +378,29 @@ def train_flow(model, data_u8, n_epochs, *, lr, weight_decay, batch_size, warmup
     total = n_epochs * n_batches if max_steps is None else int(max_steps)
     out_rng = np.random.default_rng(outlier_seed)
     out_gen = torch.Generator().manual_seed(outlier_seed)
-    with torch.no_grad():  # data-dependent ActNorm initialisation on a large batch
-        init = data[torch.randperm(len(data))[:512]]
-        model.train()
-        model.contributions(dequantise(init).to(device))
+    saved = (torch.load(state_path, map_location=device, weights_only=False)
+             if state_path is not None and Path(state_path).exists() else None)
+    if saved is None:
+        with torch.no_grad():  # data-dependent ActNorm initialisation on a large batch
+            init = data[torch.randperm(len(data))[:512]]
+            model.train()
+            model.contributions(dequantise(init).to(device))
     opt = torch.optim.Adamax(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
-    history = []
-    step = 0
+    history, step = [], 0
+    if saved is not None:  # where the killed run left off, random generators included
+        model.load_state_dict(saved["model"])
+        opt.load_state_dict(saved["optimizer"])
+        sched.load_state_dict(saved["scheduler"])
+        history, step = saved["history"], saved["step"]
+        torch.set_rng_state(saved["torch_rng"])
+        out_rng.bit_generator.state = saved["out_rng"]
+        out_gen.set_state(saved["out_gen"])
     report_every = max(1, n_epochs // 10)  # at most ~10 printed lines per model
-    bar = tqdm(total=total, desc=desc, unit="step")
-    for epoch in range(n_epochs):
+    bar = tqdm(total=total, initial=step, desc=desc, unit="step")
+    if saved is not None:
+        bar.write(f"{desc}: resumed from {Path(state_path).name} after epoch {len(history)}")
+    for epoch in range(len(history), n_epochs):
         model.train()
         order = torch.randperm(len(data))
         bpds = []
@@ -420,6 +439,11 @@ def train_flow(model, data_u8, n_epochs, *, lr, weight_decay, batch_size, warmup
         history.append(float(np.mean(bpds)))
         if (epoch + 1) % report_every == 0 or epoch + 1 == n_epochs:
             bar.write(f"{desc} epoch {epoch + 1}/{n_epochs}: train bits/dim {history[-1]:.3f}")
+        if state_path is not None and (epoch + 1) % save_every == 0 and step < total:
+            save_checkpoint({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                             "scheduler": sched.state_dict(), "history": history, "step": step,
+                             "torch_rng": torch.get_rng_state(), "out_rng": out_rng.bit_generator.state,
+                             "out_gen": out_gen.get_state()}, state_path)
     bar.close()
     return history
 
