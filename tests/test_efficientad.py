@@ -11,6 +11,7 @@ from nbutils.methods import efficientad as ead
 from nbutils.methods.efficientad import (
     TORCH_QUANTILE_LIMIT,
     EfficientAD,
+    FastEfficientAD,
     PretrainImages,
     anomaly_maps,
     autoencoder,
@@ -229,3 +230,26 @@ def test_training_resumes_and_scores(tmp_path):
     assert sa["curve"][-1]["val_st"] == pytest.approx(sb["curve"][-1]["val_st"], rel=1e-5)
     st, ae = raw_maps(a, x)
     assert st.shape == ae.shape == (6, 8, 8) and bool((st >= 0).all())
+
+
+@pytest.mark.parametrize("size", ["small", "medium"])
+def test_fast_inference_gives_the_reference_maps_and_scores(size):
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 64, 64)
+    model = EfficientAD(pdn(size), size, 64).eval()
+    mean, std = teacher_normalization(model.teacher, x)
+    model.teacher_mean.copy_(mean)
+    model.teacher_std.copy_(std)
+    q = map_quantiles(*raw_maps(model, x))
+    with pytest.raises(ValueError, match="quantiles"):
+        FastEfficientAD(model)
+    for name, value in q.items():
+        getattr(model, name).fill_(value)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = FastEfficientAD(model)
+    with torch.inference_mode():
+        ref = anomaly_maps(*raw_maps(model, x), q, 64)
+        m, score = fast(x)
+    assert m.shape == (3, 64, 64) and score.shape == (3,)
+    assert torch.allclose(m, ref["combined"], atol=1e-5) and torch.allclose(score, ref["score"], atol=1e-5)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # not changed
