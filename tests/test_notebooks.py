@@ -259,3 +259,37 @@ def test_the_book_shows_streams_as_jupyter_does():
     shown = book.read_notebook(nbformat.writes(nb)).cells[0].outputs
     assert [(o.name, o.text) for o in shown] == [
         ("stderr", "train: 100%|\n"), ("stdout", "done\n"), ("stderr", "warning\n")]
+
+
+@pytest.mark.slow
+def test_efficientad_results_page_computes_its_comparisons(tmp_path):
+    """The EfficientAD results page: the differences from pretrained features alone over the
+    seeds both have, and the latency sentences, computed from records and a benchmark file."""
+    runs = tmp_path / "page" / "book" / "runs"
+    for seed, auroc in ((0, 0.95), (1, 0.97)):
+        _fake_run(runs, "efficientad", "mvtec-cpu", 0, seed, dataset="mvtec", profile="paper",
+                  metrics={"auroc": auroc, "auroc.pixel": 0.9, "au_pro": 0.8})
+    for seed in (0, 1, 2):
+        _fake_run(runs, "patchcore", "mvtec-lite0", 0, seed, dataset="mvtec", profile="paper",
+                  metrics={"auroc": 1.0, "auroc.pixel": 0.99, "au_pro": 0.97})
+    rows = [{"model": "small", "batch": 1, "variant": v, "median_ms": ms, "p10_ms": ms,
+             "p90_ms": ms, "n": 3, "per_image_ms": ms}
+            for v, ms in (("reference", 100.0), ("fast", 40.0), ("fast+jit", 60.0),
+                          ("anomalib", 120.0))]
+    (runs / "bench").mkdir(parents=True)
+    (runs / "bench" / "efficientad_latency_cpu.json").write_text(json.dumps({
+        "benchmark": "efficientad_latency", "device": "CPU: test", "threads": 2,
+        "precision": "float32", "torch": "2.x", "anomalib": "2.7.0", "date": "today",
+        "git_commit": "abc", "command": "python benchmarks/efficientad_latency.py x.json",
+        "rows": rows, "max_map_difference": {"small/1/fast": 1e-6},
+        "parts_ms": {"small": {"teacher": 30.0, "student": 50.0, "autoencoder": 15.0,
+                               "maps": 5.0}}}))
+    out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks",
+                               "efficientad_results")
+    text = _output_text(out)
+    assert ("`mvtec-cpu` against `mvtec-lite0` (0, seeds 0, 1): image AUROC 0.960 against "
+            "1.000, a difference of -0.040 (lower on every seed)") in text
+    assert "0.960 ± 0.014" in text
+    assert ("the fastest of this book's paths is `fast`, 40.0 ms per call (40.00 ms per image); "
+            "anomalib's model takes 120.0 ms, 3.00 times as long") in text
+    assert "teacher 30%, student 50%, autoencoder 15%, maps 5%" in text
