@@ -56,11 +56,16 @@ def greedy_coreset(bank: Tensor, n: int, projection_dim: int = 128, seed: int = 
         z = bank @ proj.to(bank.device, bank.dtype)
     else:
         z = bank
+    sq = (z * z).sum(1)
+
+    def dist2(i: int) -> Tensor:  # squared distances to row i: one matrix-vector product
+        return (sq - 2 * (z @ z[i]) + sq[i]).clamp_min(0)
+
     chosen = [int(torch.randint(len(bank), (1,), generator=gen))]
-    nearest = torch.cdist(z, z[chosen[-1]][None]).squeeze(1)
+    nearest = dist2(chosen[-1])
     for _ in tqdm(range(n - 1), desc=desc, unit="patch", leave=False, miniters=max(1, n // 50)):
         chosen.append(int(nearest.argmax()))
-        nearest = torch.minimum(nearest, torch.cdist(z, z[chosen[-1]][None]).squeeze(1))
+        nearest = torch.minimum(nearest, dist2(chosen[-1]))
     return torch.tensor(chosen)
 
 
