@@ -253,3 +253,27 @@ def test_fast_inference_gives_the_reference_maps_and_scores(size):
     assert m.shape == (3, 64, 64) and score.shape == (3,)
     assert torch.allclose(m, ref["combined"], atol=1e-5) and torch.allclose(score, ref["score"], atol=1e-5)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # not changed
+
+
+@pytest.mark.slow
+def test_latency_benchmark_checks_every_variant_and_writes_its_table(tmp_path):
+    """The benchmark script at its smallest: every variant's map must match the reference
+    path's before it is timed, and the JSON holds the rows the results page reads."""
+    import importlib.util
+    import json
+
+    from nbutils.config import PROJECT_ROOT
+
+    spec = importlib.util.spec_from_file_location(
+        "efficientad_latency", PROJECT_ROOT / "benchmarks" / "efficientad_latency.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "lat.json"
+    assert bench.main([str(out), "--sizes", "small", "--batches", "1", "--repeats", "2",
+                       "--warmup", "0", "--threads", "1"]) == 0
+    result = json.loads(out.read_text())
+    variants = {r["variant"] for r in result["rows"]}
+    assert {"reference", "fast"} <= variants
+    assert all(r["median_ms"] > 0 and r["n"] == 2 for r in result["rows"])
+    assert set(result["parts_ms"]["small"]) >= {"teacher", "student", "autoencoder"}
+    assert max(result["max_map_difference"].values()) < 1e-3
