@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from nbutils.config import describe_device
 from nbutils.methods.efficientad import (
     EfficientAD,
     FastEfficientAD,
@@ -181,20 +182,6 @@ def summary(times: list[float]) -> dict:
             "n": len(times)}
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU: {model}"
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output", type=Path, help="JSON file to write")
@@ -222,7 +209,7 @@ def main(argv=None) -> int:
         peer_version = None
         print("anomalib is not installed (pip install anomalib): the peer is left out",
               file=sys.stderr)
-    result = {"benchmark": "efficientad_latency", "device": device_name(device),
+    result = {"benchmark": "efficientad_latency", "device": describe_device(device),
               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
               "torch": torch.__version__, "anomalib": peer_version, "python": platform.python_version(),
               "precision": "float16" if args.half else "float32", "image_size": IMAGE_SIZE,
