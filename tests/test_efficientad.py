@@ -269,8 +269,12 @@ def test_latency_benchmark_checks_every_variant_and_writes_its_table(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "lat.json"
-    assert bench.main([str(out), "--sizes", "small", "--batches", "1", "--repeats", "2",
-                       "--warmup", "0", "--threads", "1"]) == 0
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main([str(out), "--sizes", "small", "--batches", "1", "--repeats", "2",
+                           "--warmup", "0", "--threads", "1"]) == 0
+    finally:  # the script sets the process's thread count: give the other tests theirs back
+        torch.set_num_threads(threads)
     result = json.loads(out.read_text())
     variants = {r["variant"] for r in result["rows"]}
     assert {"reference", "fast"} <= variants
