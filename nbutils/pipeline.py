@@ -224,10 +224,9 @@ def collapse_redraws(text: str) -> str:
 
 def tidy_page(path: Path, roots: dict[str, str] | None = None) -> None:
     """Make an executed page fit to publish: adjacent stream outputs of a cell are joined and
-    their progress-bar redraws collapsed (:func:`collapse_redraws`), its PNG figures stored with a 256-colour palette
-    (:func:`shrink_figures`), and every absolute path of
-    this machine becomes relative to the project or the data root
-    (:func:`nbutils.records.portable_notebook`)."""
+    their progress-bar redraws collapsed (:func:`join_streams`), its PNG figures stored with a
+    256-colour palette (:func:`shrink_figures`), and every absolute path of this machine made
+    relative to the project or the data root (:func:`nbutils.records.portable_notebook`)."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
