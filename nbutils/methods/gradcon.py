@@ -3,17 +3,18 @@
 # %% auto #0
 __all__ = ['VARIANTS', 'DECODER_CONVS', 'GRAD_PARAMS', 'GradConCAE', 'GradConVAE', 'set_output_bias_to_mean', 'make_model',
            'decoder_weights', 'reconstruction', 'recon_and_latent', 'RunningMean', 'gradient_loss',
-           'gradient_loss_after_one_update', 'TrainConfig', 'stalled', 'gradient_norm', 'train_step', 'train_gradcon',
-           'checkpoint_params', 'checkpoint_path', 'per_sample_loss', 'per_sample_decoder_grads',
-           'official_loop_scores', 'gradcon_terms', 'mean_train_gradient', 'compare_scorers', 'output_logits',
-           'replay_first_iterations']
+           'gradient_loss_after_one_update', 'TrainConfig', 'stalled', 'crossing_epoch', 'Probe', 'gradient_norm',
+           'train_step', 'train_gradcon', 'checkpoint_params', 'checkpoint_path', 'per_sample_loss',
+           'per_sample_decoder_grads', 'official_loop_scores', 'gradcon_terms', 'mean_train_gradient',
+           'compare_scorers', 'output_logits', 'replay_first_iterations']
 
 # %% ../../notebooks/gradcon.ipynb #cell-02b
 import copy
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -192,6 +193,25 @@ def stalled(history: list[dict], stall_epoch: int = 20, stall_ratio: float = 0.9
     return len(v) == stall_epoch and min(v) > stall_ratio * v[0]
 
 
+def crossing_epoch(history: list[dict], stall_ratio: float = 0.9) -> int | None:
+    """The first epoch whose validation reconstruction loss is below ``stall_ratio`` times the
+    first epoch's (the run has started to train), or None."""
+    v0 = history[0]["val_recon"] if history else None
+    return next((int(h["epoch"]) for h in history if h["val_recon"] < stall_ratio * v0), None)
+
+
+@dataclass
+class Probe:
+    """Watches the first ``iterations`` training iterations of ``train_gradcon``: before each
+    step, ``measure(model, batch)`` returns a dict of numbers about the model's state; the
+    norms of the two parts of the gradient (``train_step``'s ``grad_norms``) are added, and
+    each iteration's dict is appended to ``rows``. The steps themselves are unchanged."""
+
+    measure: Callable[[nn.Module, Tensor], dict]
+    iterations: int
+    rows: list[dict] = field(default_factory=list)
+
+
 def gradient_norm(loss: Tensor, params: list[Tensor]) -> float:
     """Euclidean norm of the gradient of ``loss`` over all ``params`` (0 for a constant), without
     touching ``.grad`` and keeping the graph for the backward pass that follows."""
@@ -229,7 +249,8 @@ def train_step(model: GradConCAE, opt: torch.optim.Optimizer, ref: RunningMean,
 
 
 def train_gradcon(model: GradConCAE, x_train: Tensor, x_val: Tensor, config: TrainConfig,
-                  state_path: Path | None = None, give_up_if_stalled: bool = False
+                  state_path: Path | None = None, give_up_if_stalled: bool = False,
+                  until_decided: bool = False, probe: Probe | None = None
                   ) -> tuple[dict | None, list[dict], float]:
     """Train; return the snapshots, the per-epoch history and the training seconds.
 
@@ -238,7 +259,10 @@ def train_gradcon(model: GradConCAE, x_train: Tensor, x_val: Tensor, config: Tra
     epochs, and a later call continues from it: an interrupted 1000-epoch run loses at most
     ``save_every`` epochs, and the resumed run is the uninterrupted one (tested). With
     ``give_up_if_stalled``, a run that has ``stalled`` at ``config.stall_epoch`` stops there and
-    returns no snapshots."""
+    returns no snapshots. With ``until_decided`` (the stall study), the run stops as soon as the
+    stall rule is decided either way: at the first epoch that crosses the stall line
+    (``crossing_epoch``), or stalled at ``config.stall_epoch``; it returns no snapshots. A
+    ``probe`` watches the first iterations (see ``Probe``)."""
     cfg = config
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -274,7 +298,8 @@ def train_gradcon(model: GradConCAE, x_train: Tensor, x_val: Tensor, config: Tra
 
     epochs = cfg.epochs
     bar = trange(first_epoch, epochs, initial=first_epoch, total=epochs,
-                 desc=f"train {cfg.variant}", unit="epoch")
+                 desc=f"train {cfg.variant}", unit="epoch", disable=until_decided)
+    iteration = 0
     for epoch in bar:
         model.train()
         order = torch.randperm(len(x_train), generator=gen).to(x_train.device)
@@ -282,8 +307,13 @@ def train_gradcon(model: GradConCAE, x_train: Tensor, x_val: Tensor, config: Tra
         epoch_grad = [torch.zeros_like(w) for w in weights]
         for start in range(0, len(x_train), cfg.batch_size):
             xb = x_train[order[start:start + cfg.batch_size]]
+            watched = probe is not None and iteration < probe.iterations
+            row = probe.measure(model, xb) if watched else None
             loss, rec_lat, gl = train_step(model, opt, ref, weights, xb, cfg.alpha,
-                                           cfg.use_grad_loss)
+                                           cfg.use_grad_loss, grad_norms=row)
+            if watched:
+                probe.rows.append({"iteration": iteration + 1, **row})
+            iteration += 1
             for e, w in zip(epoch_grad, weights, strict=True):
                 e += w.grad
             sums += np.array([loss.item(), rec_lat.item(), gl.item()]) * len(xb)
@@ -314,6 +344,9 @@ def train_gradcon(model: GradConCAE, x_train: Tensor, x_val: Tensor, config: Tra
         bar.set_postfix(train=f"{train_loss:.4f}", val_rec=f"{val_rec:.4f}")
         if give_up_if_stalled and epoch + 1 == cfg.stall_epoch and \
                 stalled(history, cfg.stall_epoch, cfg.stall_ratio):
+            return None, history, seconds()
+        if until_decided and (crossing_epoch(history, cfg.stall_ratio) is not None
+                              or epoch + 1 == cfg.stall_epoch):
             return None, history, seconds()
         if state_path is not None and cfg.save_every and (epoch + 1) % cfg.save_every == 0 \
                 and epoch + 1 < epochs:
