@@ -302,3 +302,21 @@ def test_efficientad_results_page_computes_its_comparisons(tmp_path):
     assert ("`mvtec-cpu`: the student-teacher validation distance fell by 2.5% to 25.0% over the "
             "last 20% of the 1000 steps; 1 of 2 runs had levelled off (training was still "
             "improving") in text
+
+
+def test_fisher_kernel_results_page_computes_its_comparisons(tmp_path):
+    """The Fisher-kernel results page: each score against another, class by class, from records."""
+    runs = tmp_path / "page" / "book" / "runs"
+    for cls, (cos, recon) in enumerate([(0.6, 0.9), (0.95, 0.9), (0.7, 0.8)]):
+        _fake_run(runs, "fisher_kernel", "mnist", cls, 0, dataset="mnist", profile="paper",
+                  metrics={"auroc": cos, "auroc.cos_per_layer": cos - 0.1,
+                           "auroc.cos_diag_fisher": cos + 0.01, "auroc.grad_norm": 0.85,
+                           "auroc.recon": recon})
+    out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks",
+                               "fisher_kernel_results")
+    text = _output_text(out)
+    assert ("cosine, F = I against reconstruction error: mean AUROC 0.750 (0.600 to 0.950 per "
+            "class) against 0.867 (0.800 to 0.900); cosine, F = I is higher in 1 of 3 classes (1).") in text
+    assert "cosine, diagonal Fisher is higher in every class" in text
+    assert "cosine per layer (GradCon) is higher in no class" in text
+    assert "Highest mean AUROC: reconstruction error (0.867)." in text
