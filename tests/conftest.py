@@ -9,6 +9,17 @@ import pytest
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture
+def one_torch_thread():
+    """torch on one thread for the test (bit-exact comparisons of trainings), restored after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _data_root_holding(relative: str, what: str) -> Path:
     """DATA_DIR when it holds ``relative``; otherwise the test is skipped."""
     root = os.environ.get("DATA_DIR")

@@ -17,13 +17,7 @@ from nbutils.methods import gradcon as gc
 from nbutils.methods import gradcon_stalls as st
 from nbutils.records import make_record, write_record
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
