@@ -141,7 +141,13 @@ def test_results_page_computes_its_sentences(tmp_path):
     assert "CAE+Grad, mean-output start: 0 of 8 starts stall (0%, 95% CI 0% to 32%)" in text
     assert ("Same weights, official start: of 8 starts, 2 stall only as a plain CAE and 0 only as "
             "CAE+Grad (2 stall as both).") in text
+    assert ("No start that trains as a plain CAE stalls as CAE+Grad: in these starts the gradient "
+            "loss causes no stall, and it rescues 2 of the 4 that stall as a plain CAE.") in text
     assert "best separates stalled from trained starts is *|grad alpha L_grad| / |grad recon|*" in text
     assert "is 50 times the reconstruction gradient (median) in stalled starts and 0.5 times" in text
-    assert "*dead ReLU units (share)* at iteration 1 (AUROC 1.00; median 0.9 in stalled starts" in text
+    assert ("*dead ReLU units (share)* at iteration 1 (AUROC 1.00: higher in stalled starts; median "
+            "0.9 in stalled starts") in text
+    assert ("The earliest probed iteration at which some quantity tells them apart almost perfectly "
+            "(AUROC at most 0.05 or at least 0.95) is 1: *|grad alpha L_grad| / |grad recon|*, "
+            "*|grad alpha L_grad|*.") in text
     assert "Starts that trained crossed the stall line by epoch 3 at the latest" in text
