@@ -85,9 +85,9 @@ def start_path(settings: dict, *, variant: str, init: str, start: int) -> Path:
             f"{settings['dataset']}_class{settings['normal_class']}_{variant}_{init}_start{start}_{key}.json")
 
 
-def cached_start(path: Path, run: Callable[[], dict]) -> dict:
-    """``run()``'s result, computed once: read from ``path`` when it exists, else computed and
-    written there (atomically, so an interrupted write leaves nothing)."""
+def cached_start(path: Path, run: Callable[[], dict] | None) -> dict:
+    """``run()``'s result, computed once: read from ``path`` when it exists (``run`` may then be
+    None), else computed and written there (atomically, so an interrupted write leaves nothing)."""
     if path.exists():
         return json.loads(path.read_text())
     result = run()
