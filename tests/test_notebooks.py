@@ -320,3 +320,43 @@ def test_fisher_kernel_results_page_computes_its_comparisons(tmp_path):
     assert "cosine, diagonal Fisher is higher in every class" in text
     assert "cosine per layer (GradCon) is higher in no class" in text
     assert "Highest mean AUROC: reconstruction error (0.867)." in text
+
+
+def test_flow_results_page_computes_its_statements(tmp_path):
+    """The flow results page: which sets the class model prefers, the general models' fit, the
+    outlier loss against its control, and two run sets class by class, all from records."""
+    runs = tmp_path / "page" / "book" / "runs"
+    for run_set, general, control in (("mnist-old", "patches+all", None), ("mnist-new", "patches", 0.5)):
+        for cls in (0, 1):
+            metrics = {"auroc": 0.9, "auroc.ratio": 0.9 + cls / 20, "auroc.raw": 0.6,
+                       "auroc.outlier_loss": 0.93, "bits_per_dim.test": 4.0,
+                       "bits_per_dim.general.test": 3.0 + (run_set == "mnist-new") * (1.5 - cls),
+                       "auroc.ood.blurred.raw": 0.3, "auroc.ood.blurred.ratio": 0.05 * (cls + 1),
+                       "auroc.ood.constant.raw": 0.9, "auroc.ood.constant.ratio": 0.9}
+            if control is not None:
+                metrics.update({"auroc.outlier_control": control + cls / 2,
+                                "auroc.ood.blurred.outlier_control": 0.2})
+            page = _fake_run(runs, "flow_llr", run_set, cls, 0, dataset="mnist", profile="paper",
+                             metrics=metrics)
+            record = json.loads(page.with_suffix(".json").read_text())
+            record["params"] = {"dataset": "mnist", "general_data": general}
+            record["extra"] = {"general_data": general, "history": {"in": [4.5, 4.2 - cls / 10]},
+                               "bits_per_dim_by_set": {
+                "test, normal": 4.0, "OOD: constant": 6.0, "OOD: blurred": 3.5 + cls}}
+            page.with_suffix(".json").write_text(json.dumps(record))
+    out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks", "flow_llr_results")
+    text = _output_text(out)
+    assert ("**blurred**: 3.50-4.50 (mean 4.00) bits/dim; the class model gives them fewer bits than "
+            "the normal test images (it prefers them) in 1 of 2 runs.") in text
+    assert "ratio 0.050-0.100 (mean 0.075)" in text
+    assert ("the class model's training bits/dim fell in its last epoch in every run "
+            "(`extra.history.in`), by up to 0.400: it was still improving") in text
+    assert "The ratio beats the raw likelihood in no run." in text
+    assert "**constant**: 6.00-6.00 (mean 6.00) bits/dim; more bits than the normal test images in every run" in text
+    assert "(ties within 0.0005 in every run)" in text
+    assert "the general model fits the normal test images better in every run" in text
+    assert "the general model fits the normal test images better in 1 of 2 runs" in text
+    assert ("**outlier loss against outlier control**: mean AUROC 0.930 against 0.750 (difference "
+            "+0.180, -0.070 to +0.430 per class); outlier loss is higher in 1 of 2 classes.") in text
+    assert "they differ in `general_data` (patches / patches+all)" in text
+    assert "- bits/dim, general model: 4.000 against 3.000 (difference +1.000, +0.500 to +1.500; higher in 2 of 2)." in text
