@@ -76,12 +76,14 @@ chapters:
 
 
 def _fake_run(runs_dir: Path, notebook: str, run_set: str, cls: int, seed: int,
-              metrics: dict, dataset: str = "digits", profile: str = "quick") -> Path:
+              metrics: dict, dataset: str = "digits", profile: str = "quick",
+              params: dict | None = None, extra: dict | None = None) -> Path:
     folder = runs_dir / profile / notebook / run_set
     record = make_record(method=notebook, variant="v", dataset=dataset, normal_class=cls,
-                         protocol="full", seed=seed, profile=profile, params={"epochs": 3},
-                         metrics=metrics, timings={"s": 1.0}, device="cpu: test",
-                         data={"source": "digits: /home/someone/data/digits"})
+                         protocol="full", seed=seed, profile=profile,
+                         params=params or {"epochs": 3}, metrics=metrics, timings={"s": 1.0},
+                         device="cpu: test", data={"source": "digits: /home/someone/data/digits"},
+                         extra=extra)
     write_record(record, folder / f"class{cls}_seed{seed}.json")
     page = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"# Run {cls} {seed}")])
     nbformat.write(page, folder / f"class{cls}_seed{seed}.ipynb")
@@ -268,13 +270,11 @@ def test_efficientad_results_page_computes_its_comparisons(tmp_path):
     seeds both have, and the latency sentences, computed from records and a benchmark file."""
     runs = tmp_path / "page" / "book" / "runs"
     for seed, auroc in ((0, 0.95), (1, 0.97)):
-        page = _fake_run(runs, "efficientad", "mvtec-cpu", 0, seed, dataset="mvtec",
-                         profile="paper", metrics={"auroc": auroc, "auroc.pixel": 0.9, "au_pro": 0.8})
-        record = json.loads(page.with_suffix(".json").read_text())
-        ends = {0: 0.15, 1: 0.195}  # from 0.2 at step 800: a fall of 25% and of 2.5%
-        record["extra"] = {"curve": [{"step": k * 100, "val_st": 1.0 / k if k < 8 else
-                                      0.2 + (ends[seed] - 0.2) * (k - 8) / 2} for k in range(1, 11)]}
-        page.with_suffix(".json").write_text(json.dumps(record))
+        end = {0: 0.15, 1: 0.195}[seed]  # from 0.2 at step 800: a fall of 25% and of 2.5%
+        curve = [{"step": k * 100, "val_st": 1.0 / k if k < 8 else 0.2 + (end - 0.2) * (k - 8) / 2}
+                 for k in range(1, 11)]
+        _fake_run(runs, "efficientad", "mvtec-cpu", 0, seed, dataset="mvtec", profile="paper",
+                  metrics={"auroc": auroc, "auroc.pixel": 0.9, "au_pro": 0.8}, extra={"curve": curve})
     for seed in (0, 1, 2):
         _fake_run(runs, "patchcore", "mvtec-lite0", 0, seed, dataset="mvtec", profile="paper",
                   metrics={"auroc": 1.0, "auroc.pixel": 0.99, "au_pro": 0.97})
@@ -336,14 +336,12 @@ def test_flow_results_page_computes_its_statements(tmp_path):
             if control is not None:
                 metrics.update({"auroc.outlier_control": control + cls / 2,
                                 "auroc.ood.blurred.outlier_control": 0.2})
-            page = _fake_run(runs, "flow_llr", run_set, cls, 0, dataset="mnist", profile="paper",
-                             metrics=metrics)
-            record = json.loads(page.with_suffix(".json").read_text())
-            record["params"] = {"dataset": "mnist", "general_data": general}
-            record["extra"] = {"general_data": general, "history": {"in": [4.5, 4.2 - cls / 10]},
-                               "bits_per_dim_by_set": {
-                "test, normal": 4.0, "OOD: constant": 6.0, "OOD: blurred": 3.5 + cls}}
-            page.with_suffix(".json").write_text(json.dumps(record))
+            extra = {"general_data": general, "history": {"in": [4.5, 4.2 - cls / 10]},
+                     "bits_per_dim_by_set": {"test, normal": 4.0, "OOD: constant": 6.0,
+                                             "OOD: blurred": 3.5 + cls}}
+            _fake_run(runs, "flow_llr", run_set, cls, 0, dataset="mnist", profile="paper",
+                      metrics=metrics, params={"dataset": "mnist", "general_data": general},
+                      extra=extra)
     out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks", "flow_llr_results")
     text = _output_text(out)
     assert ("**blurred**: 3.50-4.50 (mean 4.00) bits/dim; the class model gives them fewer bits than "
