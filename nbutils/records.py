@@ -163,8 +163,12 @@ def find_records(root: str | os.PathLike) -> list[Path]:
                   if not p.name.startswith(".") and is_complete_record(p))
 
 
-def records_table(root: str | os.PathLike):
-    """All records below ``root`` as a pandas DataFrame, metrics flattened to columns."""
+def records_table(root: str | os.PathLike, with_record: bool = False):
+    """All records below ``root`` as a pandas DataFrame, metrics flattened to columns.
+
+    ``with_record=True`` adds a ``record`` column holding each whole record (its ``params``,
+    ``data`` and ``extra``), for pages that need more than the flat numbers without reading
+    every file a second time."""
     import pandas as pd
 
     rows = []
@@ -180,6 +184,8 @@ def records_table(root: str | os.PathLike):
         row["notebook"] = path.parent.parent.name
         row["run_set"] = path.parent.name
         row["path"] = str(path)
+        if with_record:
+            row["record"] = r
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -151,3 +151,17 @@ def test_results_page_computes_its_sentences(tmp_path):
             "(AUROC at most 0.05 or at least 0.95) is 1: *|grad alpha L_grad| / |grad recon|*, "
             "*|grad alpha L_grad|*.") in text
     assert "Starts that trained crossed the stall line by epoch 3 at the latest" in text
+    assert "different numbers of starts" not in text
+
+    # a second block of starts for class 0 only (a block still under way in class 1)
+    rows = [_start(k, v, i, False, 0.5, 0.1) for k in (4, 5)
+            for v, i in (("cae", "official"), ("cae_grad", "official"))]
+    record.update(normal_class=0, seed=4, extra={"starts": rows})
+    write_record(record, folder / "class0_seed4.json")
+    nbformat.write(nbformat.v4.new_notebook(), folder / "class0_seed4.ipynb")
+    out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks",
+                               "gradcon_stalls_results")
+    text = "\n".join(str(o.get("data", {}).get("text/markdown", "")) + str(o.get("text", ""))
+                     for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
+    assert "The classes have different numbers of starts (class 0: 6, class 1: 4)" in text
+    assert "CAE+Grad, official start: 2 of 10 starts stall" in text

@@ -57,6 +57,10 @@ def test_records_table(tmp_path):
     assert len(table) == 2 and set(table["seed"]) == {0, 1}
     assert table["metric.auroc.x"].tolist() == [0.7, 0.7]
     assert set(table["notebook"]) == {"nb"} and set(table["run_set"]) == {"digits"}
+    assert "record" not in table
+    full = records_table(tmp_path, with_record=True)
+    assert [r["seed"] for r in full["record"]] == full["seed"].tolist()
+    assert all(r == read_record(p) for r, p in zip(full["record"], full["path"]))
 
 
 def test_timer_accumulates():
