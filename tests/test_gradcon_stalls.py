@@ -112,6 +112,14 @@ def _start(start, variant, init, stalled, ratio, dead):
             "val_recon": [0.1] * (20 if stalled else 3), "probe": probe}
 
 
+def _page_text(tmp_path, runs):
+    """The stall-study results page executed on ``runs``: its outputs as text."""
+    out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks",
+                               "gradcon_stalls_results")
+    return "\n".join(str(o.get("data", {}).get("text/markdown", "")) + str(o.get("text", ""))
+                     for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
+
+
 def test_results_page_computes_its_sentences(tmp_path):
     runs = tmp_path / "page" / "book" / "runs"
     for cls in (0, 1):
@@ -130,10 +138,7 @@ def test_results_page_computes_its_sentences(tmp_path):
         folder = runs / "paper" / "gradcon_stalls" / "mnist"
         write_record(record, folder / f"class{cls}_seed0.json")
         nbformat.write(nbformat.v4.new_notebook(), folder / f"class{cls}_seed0.ipynb")
-    out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks",
-                               "gradcon_stalls_results")
-    text = "\n".join(str(o.get("data", {}).get("text/markdown", "")) + str(o.get("text", ""))
-                     for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
+    text = _page_text(tmp_path, runs)
     assert ("CAE+Grad, official start: 2 of 8 starts stall (25%, 95% CI 7% to 59%); the same share "
             "in each of the 2 classes.") in text
     assert ("plain CAE, official start: 4 of 8 starts stall (50%, 95% CI 22% to 78%); per class "
@@ -159,9 +164,6 @@ def test_results_page_computes_its_sentences(tmp_path):
     record.update(normal_class=0, seed=4, extra={"starts": rows})
     write_record(record, folder / "class0_seed4.json")
     nbformat.write(nbformat.v4.new_notebook(), folder / "class0_seed4.ipynb")
-    out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks",
-                               "gradcon_stalls_results")
-    text = "\n".join(str(o.get("data", {}).get("text/markdown", "")) + str(o.get("text", ""))
-                     for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
+    text = _page_text(tmp_path, runs)
     assert "The classes have different numbers of starts (class 0: 6, class 1: 4)" in text
     assert "CAE+Grad, official start: 2 of 10 starts stall" in text
