@@ -7,6 +7,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from pages import output_text
 
 from nbutils import book
 from nbutils.config import PROJECT_ROOT
@@ -49,12 +50,6 @@ def _record(runs: Path, notebook: str, run_set: str, cls: int, seed: int, timing
     write_record(record, runs / "paper" / notebook / run_set / f"class{cls}_seed{seed}.json")
 
 
-def _outputs(notebook: Path) -> str:
-    return "\n".join(str(o.get("data", {}).get("text/markdown", "")) + str(o.get("text", ""))
-                     for c in nbformat.read(notebook, as_version=4).cells
-                     for o in c.get("outputs", []))
-
-
 def _row(text: str, chapter: str, run_set: str) -> list[str]:
     line = next(x for x in text.splitlines() if x.startswith(f"| {chapter} | `{run_set}` |"))
     return [cell.strip() for cell in line.strip("|").split("|")]
@@ -84,7 +79,7 @@ def test_cost_page_tabulates_measured_and_estimated_seconds(tmp_path):
 
     out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks",
                                "reproduction_cost", manifest=manifest)
-    text = _outputs(out)
+    text = output_text(out)
 
     # planned, done, runs by device, measured total, CPU and H200 for the whole run set
     assert _row(text, "Tiny baselines", "digits") == [

@@ -9,6 +9,7 @@ from dataclasses import replace
 import nbformat
 import pytest
 import torch
+from pages import output_text
 
 from nbutils import book
 from nbutils.config import PROJECT_ROOT, seed_everything
@@ -116,8 +117,7 @@ def _page_text(tmp_path, runs):
     """The stall-study results page executed on ``runs``: its outputs as text."""
     out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks",
                                "gradcon_stalls_results")
-    return "\n".join(str(o.get("data", {}).get("text/markdown", "")) + str(o.get("text", ""))
-                     for c in nbformat.read(out, as_version=4).cells for o in c.get("outputs", []))
+    return output_text(out)
 
 
 def test_results_page_computes_its_sentences(tmp_path):

@@ -8,6 +8,7 @@ from pathlib import Path
 import nbformat
 import pytest
 import yaml
+from pages import output_text
 
 from nbutils import book, pipeline
 from nbutils.chapters import load_manifest
@@ -193,13 +194,6 @@ def test_source_notebooks_pass_ruff():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def _output_text(notebook: Path) -> str:
-    return "\n".join(str(o.get("data", {}).get(kind, "")) + str(o.get("text", ""))
-                     for kind in ("text/markdown", "text/plain", "text/html")
-                     for c in nbformat.read(notebook, as_version=4).cells
-                     for o in c.get("outputs", []))
-
-
 @pytest.mark.slow
 def test_results_page_leaves_a_run_set_under_way_out_of_the_means(smoke_book, tmp_path):
     """One record of a run set whose profile plans ten classes: the results pages must say the
@@ -213,10 +207,10 @@ def test_results_page_leaves_a_run_set_under_way_out_of_the_means(smoke_book, tm
     quick.record.parent.mkdir(parents=True)
     quick.record.write_text(json.dumps(record))
     out = book.execute_results(tmp_path / "page", tmp_path / "runs", PROJECT_ROOT / "notebooks")
-    assert f"Seed {record['seed']} has 1 of 10 classes so far" in _output_text(out)
+    assert f"Seed {record['seed']} has 1 of 10 classes so far" in output_text(out)
     out = book.execute_results(tmp_path / "page", tmp_path / "runs", PROJECT_ROOT / "notebooks",
                                "gradcon_results")
-    assert "1 of 10" in _output_text(out)  # the side-by-side table's class count
+    assert "1 of 10" in output_text(out)  # the side-by-side table's class count
 
 
 @pytest.mark.slow
@@ -242,7 +236,7 @@ chapters:
                   metrics={"auroc": 0.9, "auroc.pixel": 0.95 + seed / 100, "au_pro": 0.812})
     out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks",
                                manifest=manifest)
-    text = _output_text(out)
+    text = output_text(out)
     assert "AU-PRO up to 30% false positives" in text and "0.812" in text
     assert "pixel-level AUROC" in text and "0.955 ± 0.007" in text
     assert "this book: AU-PRO up to 30% false positives" in text
@@ -292,7 +286,7 @@ def test_efficientad_results_page_computes_its_comparisons(tmp_path):
                                "maps": 5.0}}}))
     out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks",
                                "efficientad_results")
-    text = _output_text(out)
+    text = output_text(out)
     assert ("`mvtec-cpu` against `mvtec-lite0` (0, seeds 0, 1): image AUROC 0.960 against "
             "1.000, a difference of -0.040 (lower on every seed)") in text
     assert "0.960 ± 0.014" in text
@@ -314,7 +308,7 @@ def test_fisher_kernel_results_page_computes_its_comparisons(tmp_path):
                            "auroc.recon": recon})
     out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks",
                                "fisher_kernel_results")
-    text = _output_text(out)
+    text = output_text(out)
     assert ("cosine, F = I against reconstruction error: mean AUROC 0.750 (0.600 to 0.950 per "
             "class) against 0.867 (0.800 to 0.900); cosine, F = I is higher in 1 of 3 classes (1).") in text
     assert "cosine, diagonal Fisher is higher in every class" in text
@@ -343,7 +337,7 @@ def test_flow_results_page_computes_its_statements(tmp_path):
                       metrics=metrics, params={"dataset": "mnist", "general_data": general},
                       extra=extra)
     out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks", "flow_llr_results")
-    text = _output_text(out)
+    text = output_text(out)
     assert ("**blurred**: 3.50-4.50 (mean 4.00) bits/dim; the class model gives them fewer bits than "
             "the normal test images (it prefers them) in 1 of 2 runs.") in text
     assert "ratio 0.050-0.100 (mean 0.075)" in text
