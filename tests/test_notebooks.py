@@ -78,12 +78,14 @@ chapters:
 
 def _fake_run(runs_dir: Path, notebook: str, run_set: str, cls: int, seed: int,
               metrics: dict, dataset: str = "digits", profile: str = "quick",
-              params: dict | None = None, extra: dict | None = None) -> Path:
+              params: dict | None = None, extra: dict | None = None,
+              data: dict | None = None) -> Path:
     folder = runs_dir / profile / notebook / run_set
     record = make_record(method=notebook, variant="v", dataset=dataset, normal_class=cls,
                          protocol="full", seed=seed, profile=profile,
                          params=params or {"epochs": 3}, metrics=metrics, timings={"s": 1.0},
-                         device="cpu: test", data={"source": "digits: /home/someone/data/digits"},
+                         device="cpu: test",
+                         data=data or {"source": "digits: /home/someone/data/digits"},
                          extra=extra)
     write_record(record, folder / f"class{cls}_seed{seed}.json")
     page = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(f"# Run {cls} {seed}")])
@@ -353,3 +355,41 @@ def test_flow_results_page_computes_its_statements(tmp_path):
     assert "they differ in `general_data` (patches / patches+all)" in text
     assert "nan" not in text.replace("Nan", "")  # a score one run set lacks is left out, not NaN
     assert "- bits/dim, general model: 4.000 against 3.000 (difference +1.000, +0.500 to +1.500; higher in 2 of 2)." in text
+
+
+@pytest.mark.slow
+def test_cpc_ad_results_page_sets_runs_beside_the_seed_and_the_validation_choice(tmp_path):
+    """The CPC-AD results page: this book's AUROC by epoch beside the seed's table, the
+    training curves' lowest validation epoch and relapses, and the best_val runs against the
+    last-epoch runs of the same training, all computed from records."""
+    runs = tmp_path / "page" / "book" / "runs"
+    recipe = {"encoder": "resnet18", "norm": "layer", "shared_encoder": True, "image_size": 256,
+              "patch_size": 64, "patch_stride": 32, "prediction_steps": 5, "skip_rows": 1,
+              "directions": "down,up,left,right", "n_negatives": 16, "epochs": 30,
+              "batch_size": 16, "lr": 2e-4}
+    data = {"source": "mvtec", "normal_class_name": "bottle"}
+    # seed 0 relapses at epoch 5 (0.9 > 2 x 0.4) and is lowest at epoch 20; seed 1 at epoch 30
+    val = {0: [2.0, 1.0, 0.6, 0.4, 0.9, *[0.3] * 14, 0.2, *[0.25] * 10],
+           1: [2.0 - e / 20 for e in range(30)]}
+    for seed, (a10, a20, a30) in ((0, (0.90, 0.70, 0.60)), (1, (0.80, 0.75, 0.50))):
+        history = [{"epoch": e + 1, "train_loss": v, "val_loss": v} for e, v in enumerate(val[seed])]
+        _fake_run(runs, "cpc_ad", "mvtec-cpu", 0, seed, dataset="mvtec", profile="paper", data=data,
+                  params={**recipe, "checkpoint_rule": "last"}, extra={"used_epoch": 30, "history": history},
+                  metrics={"auroc": a30, "auroc.ep10": a10, "auroc.ep20": a20, "auroc.ep30": a30})
+        chosen = int(min(history, key=lambda h: h["val_loss"])["epoch"])
+        _fake_run(runs, "cpc_ad", "mvtec-cpu-best-val", 0, seed, dataset="mvtec", profile="paper",
+                  data=data, params={**recipe, "checkpoint_rule": "best_val"},
+                  extra={"used_epoch": chosen, "history": history},
+                  metrics={"auroc": {20: a20, 30: a30}[chosen], "auroc.ep10": a10, "auroc.ep20": a20})
+    out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks", "cpc_ad_results")
+    text = output_text(out)
+    assert ("ResNet18, bottle, 30 epochs: this book 0.550 over seeds 0, 1, from 0.500 to 0.600, "
+            "against the seed's 0.558: higher on 1 of 2 seeds.") in text
+    assert "0.850 ± 0.071" in text  # epoch 10, no published number beside it
+    assert ("`mvtec-cpu-best-val` against `mvtec-cpu` (ResNet18, 30 epochs, seeds 0, 1; chosen epochs "
+            "20, 30): image AUROC 0.600 against 0.550, +0.050 (no consistent sign); the chosen epoch "
+            "scores above the seed's 0.558 on 1 of 2 seeds.") in text
+    assert ("`mvtec-cpu`, resnet18, seed 0: the lowest validation loss, 0.2000, is at epoch 20 of "
+            "30 (0.2500 at the last); relapses: at epochs 5.") in text
+    assert "`mvtec-cpu`, resnet18, seed 1: the lowest validation loss, 0.5500, is at epoch 30" in text
+    assert "seed 1: " in text and "relapses: none." in text
