@@ -79,11 +79,11 @@ chapters:
 def _fake_run(runs_dir: Path, notebook: str, run_set: str, cls: int, seed: int,
               metrics: dict, dataset: str = "digits", profile: str = "quick",
               params: dict | None = None, extra: dict | None = None,
-              data: dict | None = None) -> Path:
+              data: dict | None = None, timings: dict | None = None) -> Path:
     folder = runs_dir / profile / notebook / run_set
     record = make_record(method=notebook, variant="v", dataset=dataset, normal_class=cls,
                          protocol="full", seed=seed, profile=profile,
-                         params=params or {"epochs": 3}, metrics=metrics, timings={"s": 1.0},
+                         params=params or {"epochs": 3}, metrics=metrics, timings=timings or {"s": 1.0},
                          device="cpu: test",
                          data=data or {"source": "digits: /home/someone/data/digits"},
                          extra=extra)
@@ -372,8 +372,14 @@ def test_cpc_ad_results_page_sets_runs_beside_the_seed_and_the_validation_choice
     val = {0: [2.0, 1.0, 0.6, 0.4, 0.9, *[0.3] * 14, 0.2, *[0.25] * 10],
            1: [2.0 - e / 20 for e in range(30)]}
     for seed, (a10, a20, a30) in ((0, (0.90, 0.70, 0.60)), (1, (0.80, 0.75, 0.50))):
-        history = [{"epoch": e + 1, "train_loss": v, "val_loss": v} for e, v in enumerate(val[seed])]
+        # seed 0: epochs of 40 s, one of 120 s (a loaded machine); seed 1: 30 s every epoch
+        seconds = {0: [40.0] * 29 + [120.0], 1: [30.0] * 30}[seed]
+        history = [{"epoch": e + 1, "train_loss": v, "val_loss": v, "epoch_seconds": t,
+                    "seconds_per_image": t / 150} for e, (v, t) in enumerate(zip(val[seed], seconds))]
+        timings = {"score_per_image": 0.2 + 0.1 * seed, "batch.encode (forward)": 0.9,
+                   "batch.InfoNCE losses": 0.1, "batch.backward": 3.0}
         _fake_run(runs, "cpc_ad", "mvtec-cpu", 0, seed, dataset="mvtec", profile="paper", data=data,
+                  timings=timings,
                   params={**recipe, "checkpoint_rule": "last"}, extra={"used_epoch": 30, "history": history},
                   metrics={"auroc": a30, "auroc.ep10": a10, "auroc.ep20": a20, "auroc.ep30": a30})
         chosen = int(min(history, key=lambda h: h["val_loss"])["epoch"])
@@ -393,3 +399,6 @@ def test_cpc_ad_results_page_sets_runs_beside_the_seed_and_the_validation_choice
             "30 (0.2500 at the last); relapses: at epochs 5.") in text
     assert "`mvtec-cpu`, resnet18, seed 1: the lowest validation loss, 0.5500, is at epoch 30" in text
     assert "seed 1: " in text and "relapses: none." in text
+    assert ("- ResNet18 (2 runs): the fastest epoch took 30 s (0.20 s per training image), so 30 epochs "
+            "are about 15 minutes on an idle machine; the slowest epoch took 3.0 times the fastest. "
+            "Scoring: 0.25 s per test image. In a training batch, `backward` takes 75% of the time.") in text
