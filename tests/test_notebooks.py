@@ -399,6 +399,6 @@ def test_cpc_ad_results_page_sets_runs_beside_the_seed_and_the_validation_choice
             "30 (0.2500 at the last); relapses: at epochs 5.") in text
     assert "`mvtec-cpu`, resnet18, seed 1: the lowest validation loss, 0.5500, is at epoch 30" in text
     assert "seed 1: " in text and "relapses: none." in text
-    assert ("- ResNet18 (2 runs): the fastest epoch took 30 s (0.20 s per training image), so 30 epochs "
-            "are about 15 minutes on an idle machine; the slowest epoch took 3.0 times the fastest. "
+    assert ("- ResNet18 (2 runs): the fastest epoch took 30 s (0.20 s per training image), so 30 epochs at that pace take "
+            "about 15 minutes; the slowest epoch took 3.0 times the fastest. "
             "Scoring: 0.25 s per test image. In a training batch, `backward` takes 75% of the time.") in text
