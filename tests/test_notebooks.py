@@ -387,6 +387,11 @@ def test_cpc_ad_results_page_sets_runs_beside_the_seed_and_the_validation_choice
                   data=data, params={**recipe, "checkpoint_rule": "best_val"},
                   extra={"used_epoch": chosen, "history": history},
                   metrics={"auroc": {20: a20, 30: a30}[chosen], "auroc.ep10": a10, "auroc.ep20": a20})
+    # a best_val run of seed 0 trained apart (another curve): not paired with the cpu run
+    other = [{"epoch": e + 1, "train_loss": 1.0, "val_loss": 1.0 - e / 100} for e in range(30)]
+    _fake_run(runs, "cpc_ad", "mvtec-cpu-best-val-elsewhere", 0, 0, dataset="mvtec", profile="paper",
+              data=data, params={**recipe, "checkpoint_rule": "best_val"},
+              extra={"used_epoch": 30, "history": other}, metrics={"auroc": 0.99})
     out = book.execute_results(tmp_path / "page", runs, PROJECT_ROOT / "notebooks", "cpc_ad_results")
     text = output_text(out)
     assert ("ResNet18, bottle, 30 epochs: this book 0.550 over seeds 0, 1, from 0.500 to 0.600, "
@@ -399,6 +404,9 @@ def test_cpc_ad_results_page_sets_runs_beside_the_seed_and_the_validation_choice
             "30 (0.2500 at the last); relapses: at epochs 5.") in text
     assert "`mvtec-cpu`, resnet18, seed 1: the lowest validation loss, 0.5500, is at epoch 30" in text
     assert "seed 1: " in text and "relapses: none." in text
+    assert ("- `mvtec-cpu-best-val-elsewhere` seed 0: its training curve differs from `mvtec-cpu`'s, "
+            "so the two runs are different trainings and are not compared.") in text
+    assert "0.990" not in text and "0.99 " not in text
     assert ("- ResNet18 (2 runs): the fastest epoch took 30 s (0.20 s per training image), so 30 epochs at that pace take "
             "about 15 minutes; the slowest epoch took 3.0 times the fastest. "
             "Scoring: 0.25 s per test image. In a training batch, `backward` takes 75% of the time.") in text
