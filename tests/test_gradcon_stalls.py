@@ -141,6 +141,7 @@ def test_results_page_computes_its_sentences(tmp_path):
     text = _page_text(tmp_path, runs)
     assert ("CAE+Grad, official start: 2 of 8 starts stall (25%, 95% CI 7% to 59%); the same share "
             "in each of the 2 classes.") in text
+    assert "Training time recorded: 0.5 minutes in all, summed over the 32 trainings' own clocks." in text
     assert ("plain CAE, official start: 4 of 8 starts stall (50%, 95% CI 22% to 78%); per class "
             "from 25% (class 1) to 75% (class 0).") in text
     assert "CAE+Grad, mean-output start: 0 of 8 starts stall (0%, 95% CI 0% to 32%)" in text
