@@ -395,6 +395,14 @@ def test_cpc_ad_results_page_sets_runs_beside_the_seed_and_the_validation_choice
                   data=data, params={**recipe, "checkpoint_rule": "best_val"},
                   extra={"used_epoch": chosen, "history": history},
                   metrics={"auroc": {20: a20, 30: a30}[chosen], "auroc.ep10": a10, "auroc.ep20": a20})
+    # DenseNet-121, seed 0: its epoch 10 has the lowest validation loss of the seed's candidates
+    dense = [{"epoch": e, "train_loss": 0.5, "val_loss": 0.1 if e == 10 else 0.5, "epoch_seconds": 90.0,
+              "seconds_per_image": 0.6} for e in range(1, 31)]
+    _fake_run(runs, "cpc_ad", "mvtec-cpu-densenet121", 0, 0, dataset="mvtec", profile="paper", data=data,
+              timings={"score_per_image": 0.5, "batch.encode (forward)": 1.0, "batch.backward": 3.0},
+              params={**recipe, "encoder": "densenet121", "checkpoint_rule": "last"},
+              extra={"used_epoch": 30, "history": dense},
+              metrics={"auroc": 0.95, "auroc.ep10": 0.80, "auroc.ep20": 0.85, "auroc.ep30": 0.95})
     # a best_val run of seed 0 trained apart (another curve): not paired with the cpu run
     other = [{"epoch": e + 1, "train_loss": 1.0, "val_loss": 1.0 - e / 100} for e in range(30)]
     _fake_run(runs, "cpc_ad", "mvtec-cpu-best-val-elsewhere", 0, 0, dataset="mvtec", profile="paper",
@@ -418,3 +426,8 @@ def test_cpc_ad_results_page_sets_runs_beside_the_seed_and_the_validation_choice
     assert ("- ResNet18 (2 runs): the fastest epoch took 30 s (0.20 s per training image), so 30 epochs at that pace take "
             "about 15 minutes; the slowest epoch took 3.0 times the fastest. "
             "Scoring: 0.25 s per test image. In a training batch, `backward` takes 75% of the time.") in text
+    assert ("- bottle, seed 0: among 6 candidates (ResNet18 at epochs 10, 20, 30; DenseNet at epochs 10, "
+            "20, 30), the lowest validation InfoNCE, 0.1000, is DenseNet at epoch 10: image AUROC 0.800; "
+            "the test set would have picked DenseNet at epoch 30 (0.950, +0.150). The seed's best number "
+            "at up to 30 epochs is 0.790 (DenseNet, 30 epochs): the choice scores higher.") in text
+    assert "seed 1: among" not in text  # one encoder only: nothing to choose between
