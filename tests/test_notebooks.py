@@ -276,6 +276,16 @@ def test_efficientad_results_page_computes_its_comparisons(tmp_path):
                   timings={"train_per_step": 0.4 + 0.2 * seed, "train_seconds": 400.0 + 200 * seed,
                            "score_per_image": 0.1},
                   extra={"curve": curve, "teacher": teacher})
+    # -M on the same recipe (seeds 0, 1; 0.98 against 0.96, 1.5 against 0.5 s a step) and on
+    # another image size, which must not be set beside -S's 128 px runs.
+    for run_set, px, seed, auroc in (("mvtec-cpu-medium", 128, 0, 0.97), ("mvtec-cpu-medium", 128, 1, 0.99),
+                                     ("mvtec-m256", 256, 0, 0.99)):
+        _fake_run(runs, "efficientad", run_set, 0, seed, dataset="mvtec", profile="paper",
+                  metrics={"auroc": auroc, "auroc.pixel": 0.9, "au_pro": 0.8},
+                  params={"model_size": "medium", "image_size": px, "train_steps": 1000},
+                  timings={"train_per_step": 1.2 + 0.6 * seed, "train_seconds": 1200.0,
+                           "score_per_image": 0.3},
+                  extra={"teacher": {"distill_steps": 500, "distill_seconds_per_step": 8.0}})
     for seed in (0, 1, 2):
         _fake_run(runs, "patchcore", "mvtec-lite0", 0, seed, dataset="mvtec", profile="paper",
                   metrics={"auroc": 1.0, "auroc.pixel": 0.99, "au_pro": 0.97})
@@ -306,6 +316,11 @@ def test_efficientad_results_page_computes_its_comparisons(tmp_path):
     assert ("`mvtec-cpu` (128 px, 1,000 steps): 0.40 to 0.60 s per step, 7 to 10 min of training a "
             "seed; at its fastest pace the paper's 70,000 steps at this image size would take about 8 "
             "hours a seed; the teacher's 500 distillation steps took 2.83 s each.") in text
+    assert ("`mvtec-cpu-medium` against `mvtec-cpu` (0, seeds 0, 1): image AUROC 0.980 against 0.960 "
+            "(+0.020, higher on every seed); pixel AUROC 0.900 against 0.900 (+0.000, equal on every "
+            "seed)") in text
+    assert "A training step of -M took 3.0 times as long as one of -S" in text
+    assert "`mvtec-m256` against `mvtec-cpu`" not in text
 
 
 def test_fisher_kernel_results_page_computes_its_comparisons(tmp_path):
