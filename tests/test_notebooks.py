@@ -79,12 +79,13 @@ chapters:
 def _fake_run(runs_dir: Path, notebook: str, run_set: str, cls: int, seed: int,
               metrics: dict, dataset: str = "digits", profile: str = "quick",
               params: dict | None = None, extra: dict | None = None,
-              data: dict | None = None, timings: dict | None = None) -> Path:
+              data: dict | None = None, timings: dict | None = None,
+              device: str = "cpu: test") -> Path:
     folder = runs_dir / profile / notebook / run_set
     record = make_record(method=notebook, variant="v", dataset=dataset, normal_class=cls,
                          protocol="full", seed=seed, profile=profile,
                          params=params or {"epochs": 3}, metrics=metrics, timings=timings or {"s": 1.0},
-                         device="cpu: test",
+                         device=device,
                          data=data or {"source": "digits: /home/someone/data/digits"},
                          extra=extra)
     write_record(record, folder / f"class{cls}_seed{seed}.json")
@@ -278,9 +279,11 @@ def test_efficientad_results_page_computes_its_comparisons(tmp_path):
                   extra={"curve": curve, "teacher": teacher})
     # -M on the same recipe (seeds 0, 1; 0.98 against 0.96, 1.5 against 0.5 s a step) and on
     # another image size, which must not be set beside -S's 128 px runs.
+    # and the same recipe on another machine, whose step times must not be compared.
     for run_set, px, seed, auroc in (("mvtec-cpu-medium", 128, 0, 0.97), ("mvtec-cpu-medium", 128, 1, 0.99),
-                                     ("mvtec-m256", 256, 0, 0.99)):
+                                     ("mvtec-m256", 256, 0, 0.99), ("mvtec-elsewhere", 128, 1, 0.99)):
         _fake_run(runs, "efficientad", run_set, 0, seed, dataset="mvtec", profile="paper",
+                  device="cpu: other" if run_set == "mvtec-elsewhere" else "cpu: test",
                   metrics={"auroc": auroc, "auroc.pixel": 0.9, "au_pro": 0.8},
                   params={"model_size": "medium", "image_size": px, "train_steps": 1000},
                   timings={"train_per_step": 1.2 + 0.6 * seed, "train_seconds": 1200.0,
@@ -319,8 +322,12 @@ def test_efficientad_results_page_computes_its_comparisons(tmp_path):
     assert ("`mvtec-cpu-medium` against `mvtec-cpu` (0, seeds 0, 1): image AUROC 0.980 against 0.960 "
             "(+0.020, higher on every seed); pixel AUROC 0.900 against 0.900 (+0.000, equal on every "
             "seed)") in text
-    assert "A training step of -M took 3.0 times as long as one of -S" in text
+    assert "A training step of -M took 3.0 times as long as one of -S (the seeds' mean" in text
     assert "`mvtec-m256` against `mvtec-cpu`" not in text
+    assert ("`mvtec-elsewhere` against `mvtec-cpu` (0, seeds 1): image AUROC 0.990 against 0.970 (+0.020, "
+            "higher on every seed)") in text
+    assert "`mvtec-m256` (256 px, 1,000 steps): 1.20 s per step, 20 min of training a seed;" in text
+    assert ("Their step times are not set side by side: -M ran on cpu: other and -S on cpu: test") in text
 
 
 def test_fisher_kernel_results_page_computes_its_comparisons(tmp_path):
