@@ -277,9 +277,9 @@ def test_efficientad_results_page_computes_its_comparisons(tmp_path):
                   timings={"train_per_step": 0.4 + 0.2 * seed, "train_seconds": 400.0 + 200 * seed,
                            "score_per_image": 0.1},
                   extra={"curve": curve, "teacher": teacher})
-    # -M on the same recipe (seeds 0, 1; 0.98 against 0.96, 1.5 against 0.5 s a step) and on
-    # another image size, which must not be set beside -S's 128 px runs.
-    # and the same recipe on another machine, whose step times must not be compared.
+    # -M on the same recipe (seeds 0, 1; 0.98 against 0.96, 1.5 against 0.5 s a step), on
+    # another image size (never set beside -S's 128 px runs) and on the same recipe on another
+    # machine (its step times never compared).
     for run_set, px, seed, auroc in (("mvtec-cpu-medium", 128, 0, 0.97), ("mvtec-cpu-medium", 128, 1, 0.99),
                                      ("mvtec-m256", 256, 0, 0.99), ("mvtec-elsewhere", 128, 1, 0.99)):
         _fake_run(runs, "efficientad", run_set, 0, seed, dataset="mvtec", profile="paper",
